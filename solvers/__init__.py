@@ -1,0 +1,48 @@
+"""ode-bert's numerical core: ODE step methods and matrix-free root finders, by name.
+
+Public API::
+
+    import solvers
+    solvers.available()                      # step methods
+    step = solvers.get("implicit_euler", root="anderson", grad="implicit")
+    y_next, info = step.step(f, t, y, dt)
+    solvers.available_root_finders()
+    z, info = solvers.get_root_finder("anderson").solve(g, z0)   # solves z = g(z)
+
+Imports torch and torchdiffeq only.
+"""
+
+from . import explicit, roots  # noqa: F401  (register the built-in families)
+from ._base import (
+    ButcherTableau,
+    ConvergenceError,
+    ConvergenceWarning,
+    Method,
+    RootFinder,
+    RootInfo,
+    StepInfo,
+)
+from .registry import (
+    available,
+    available_root_finders,
+    get,
+    get_root_finder,
+    register,
+    register_root_finder,
+)
+
+__all__ = [
+    "ButcherTableau",
+    "ConvergenceError",
+    "ConvergenceWarning",
+    "Method",
+    "RootFinder",
+    "RootInfo",
+    "StepInfo",
+    "available",
+    "available_root_finders",
+    "get",
+    "get_root_finder",
+    "register",
+    "register_root_finder",
+]

@@ -1,0 +1,219 @@
+"""Core types shared by every solver family: tableaux, info records, base classes, errors.
+
+Conventions (all solvers and root finders follow them):
+
+* A state ``y`` is a tensor of any shape. If ``y.ndim >= 2`` its first dimension is a batch of
+  independent samples (a batch of hidden states is ``(batch, tokens, hidden)``); statistics such as
+  residuals are then reported per sample. A 0-d or 1-d state is a single sample.
+* A vector field is ``f(t, y) -> dy/dt`` with ``t`` a 0-d tensor (or float) and the result shaped
+  like ``y``.
+* A step method maps ``(f, t, y, dt)`` to ``(y_next, StepInfo)``.
+* A root finder solves the fixed-point equation ``z = g(z)`` (residual ``g(z) - z``) and returns
+  ``(z, RootInfo)``.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+VectorField = Callable[[Tensor, Tensor], Tensor]
+FixedPointMap = Callable[[Tensor], Tensor]
+
+
+class ConvergenceWarning(RuntimeWarning):
+    """A root finder stopped before reaching its tolerance."""
+
+
+class ConvergenceError(RuntimeError):
+    """A root finder stopped before reaching its tolerance and ``on_failure='raise'`` was set."""
+
+
+@dataclass(frozen=True)
+class ButcherTableau:
+    """Runge-Kutta coefficients ``(A, b, c)``; exact rationals where the method has them.
+
+    ``A`` is ``s x s`` (strictly lower triangular for explicit methods), ``b`` and ``c`` have length
+    ``s``. Entries are ``Fraction`` (or ``float`` for tableaux only known in floating point).
+    """
+
+    A: tuple[tuple[Fraction | float, ...], ...]
+    b: tuple[Fraction | float, ...]
+    c: tuple[Fraction | float, ...]
+
+    def __post_init__(self) -> None:
+        s = len(self.b)
+        if len(self.c) != s or len(self.A) != s or any(len(row) != s for row in self.A):
+            raise ValueError(f"inconsistent Butcher tableau sizes: A {len(self.A)}x?, b {s}, c {len(self.c)}")
+
+    @property
+    def stages(self) -> int:
+        return len(self.b)
+
+    @property
+    def explicit(self) -> bool:
+        return all(self.A[i][j] == 0 for i in range(self.stages) for j in range(i, self.stages))
+
+
+def sample_norm(x: Tensor) -> Tensor:
+    """Euclidean norm per sample (dim 0 is the batch when ``x.ndim >= 2``), computed in >= float32."""
+    x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    if x.ndim >= 2:
+        return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1)
+    return torch.linalg.vector_norm(x).reshape(1)
+
+
+def batch_size(x: Tensor) -> int:
+    return x.shape[0] if x.ndim >= 2 else 1
+
+
+def default_tol(dtype: torch.dtype) -> float:
+    """Relative tolerance suited to ``dtype``: about ``eps ** 0.6`` (1e-10 for float64, 1e-5 for float32)."""
+    return {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}.get(dtype, 1e-5)
+
+
+@dataclass
+class RootInfo:
+    """Outcome of one root solve, per sample (length ``batch``) where a tensor."""
+
+    iterations: Tensor  # long, iterations taken by each sample
+    nfev: int  # calls of the fixed-point map (each on the whole batch)
+    abs_residual: Tensor  # ||g(z) - z|| per sample
+    rel_residual: Tensor  # ||g(z) - z|| / ||g(z)|| per sample
+    converged: Tensor  # bool per sample
+    solver: str = ""
+
+    @property
+    def all_converged(self) -> bool:
+        return bool(self.converged.all())
+
+    @property
+    def max_rel_residual(self) -> float:
+        return float(self.rel_residual.max())
+
+    def summary(self) -> str:
+        return (
+            f"{self.solver}: {int(self.iterations.max())} iterations, {self.nfev} evaluations, "
+            f"max relative residual {self.max_rel_residual:.3g}, "
+            f"converged {int(self.converged.sum())}/{self.converged.numel()}"
+        )
+
+
+@dataclass
+class StepInfo:
+    """Statistics of one step: vector-field evaluations and, for implicit steps, the root solve."""
+
+    nfev: int = 0
+    root: RootInfo | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class RootFinder(abc.ABC):
+    """Matrix-free solver of ``z = g(z)`` for batched tensors.
+
+    Options common to every finder: ``tol`` (relative residual ``||g(z)-z|| / ||g(z)||``; ``None``
+    picks a dtype-aware default), ``max_iter``, and ``on_failure`` (``"warn"``, ``"raise"``,
+    ``"ignore"``) for samples that did not converge. Samples stop updating once they converge, so a
+    sample's result does not depend on the rest of the batch.
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, *, tol: float | None = None, max_iter: int = 50, on_failure: str = "warn") -> None:
+        if tol is not None and not (isinstance(tol, (int, float)) and 0 < tol < 1):
+            raise ValueError(f"tol must be a number in (0, 1) or None, got {tol!r}")
+        if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
+            raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
+        if on_failure not in ("warn", "raise", "ignore"):
+            raise ValueError(f"on_failure must be one of 'warn', 'raise', 'ignore', got {on_failure!r}")
+        self.tol = tol
+        self.max_iter = max_iter
+        self.on_failure = on_failure
+
+    def tolerance(self, z: Tensor) -> float:
+        return self.tol if self.tol is not None else default_tol(z.dtype)
+
+    @abc.abstractmethod
+    def _solve(self, g: FixedPointMap, z0: Tensor, tol: float) -> tuple[Tensor, RootInfo]:
+        """Family-specific iteration; must return per-sample info and never raise on non-convergence."""
+
+    def solve(self, g: FixedPointMap, z0: Tensor) -> tuple[Tensor, RootInfo]:
+        """Solve ``z = g(z)`` from ``z0``; report (and, per ``on_failure``, warn/raise) non-convergence."""
+        check_state(z0, "initial guess")
+        z, info = self._solve(g, z0, self.tolerance(z0))
+        info.solver = self.name
+        self.report(info)
+        return z, info
+
+    def report(self, info: RootInfo) -> None:
+        if info.all_converged or self.on_failure == "ignore":
+            return
+        finite = bool(torch.isfinite(info.rel_residual).all())
+        message = (
+            f"root finder {self.name!r} did not converge: {info.summary()}"
+            + ("" if finite else " (non-finite residual: the iteration diverged)")
+        )
+        if self.on_failure == "raise":
+            raise ConvergenceError(message)
+        warnings.warn(message, ConvergenceWarning, stacklevel=3)
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({opts})"
+
+
+class Method(abc.ABC):
+    """One step of an ODE solver: ``step(f, t, y, dt) -> (y_next, StepInfo)``.
+
+    Class attributes describe the method: ``order`` (classical order of accuracy), ``implicit``,
+    ``adaptive`` and ``tableau`` (a ``ButcherTableau`` for Runge-Kutta methods, else ``None``).
+    """
+
+    name: ClassVar[str] = ""
+    order: ClassVar[int] = 0
+    implicit: ClassVar[bool] = False
+    adaptive: ClassVar[bool] = False
+    tableau: ClassVar[ButcherTableau | None] = None
+
+    @abc.abstractmethod
+    def step(self, f: VectorField, t: Tensor | float, y: Tensor, dt: Tensor | float) -> tuple[Tensor, StepInfo]:
+        """Advance ``y`` from ``t`` to ``t + dt``."""
+
+    def __call__(self, f: VectorField, t: Tensor | float, y: Tensor, dt: Tensor | float) -> Tensor:
+        return self.step(f, t, y, dt)[0]
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({opts})"
+
+
+def check_state(y: Tensor, what: str = "state") -> None:
+    """Reject non-tensors, non-floating dtypes and non-finite values with a clear message."""
+    if not isinstance(y, Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(y).__name__}")
+    if not y.is_floating_point():
+        raise TypeError(f"{what} must have a floating dtype (float16/bfloat16/float32/float64), got {y.dtype}")
+    if not bool(torch.isfinite(y).all()):
+        raise ValueError(f"{what} contains NaN or Inf")
+
+
+def check_step(dt: Tensor | float) -> float:
+    """A step size must be a finite, non-zero real number."""
+    value = float(dt)
+    if not math.isfinite(value) or value == 0:
+        raise ValueError(f"step size must be a finite non-zero number, got {dt!r}")
+    return value
+
+
+def as_time(t: Tensor | float, like: Tensor) -> Tensor:
+    """``t`` as a 0-d tensor on ``like``'s device, in float64 for float64 states else float32."""
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    return torch.as_tensor(t, dtype=dtype, device=like.device)
