@@ -12,7 +12,7 @@ Public API::
 Imports torch and torchdiffeq only.
 """
 
-from . import explicit, roots  # noqa: F401  (register the built-in families)
+from . import adaptive, explicit, implicit, roots  # noqa: F401  (register the built-in families)
 from ._base import (
     ButcherTableau,
     ConvergenceError,
@@ -22,6 +22,8 @@ from ._base import (
     RootInfo,
     StepInfo,
 )
+from .gradients import available_grad_modes, solve_fixed_point
+from .integrate import DivergenceError, OdeintStats, odeint
 from .registry import (
     available,
     available_root_finders,
@@ -30,19 +32,28 @@ from .registry import (
     register,
     register_root_finder,
 )
+from .torchdiffeq_bridge import install_torchdiffeq
+
+install_torchdiffeq()
 
 __all__ = [
     "ButcherTableau",
     "ConvergenceError",
     "ConvergenceWarning",
+    "DivergenceError",
     "Method",
+    "OdeintStats",
     "RootFinder",
     "RootInfo",
     "StepInfo",
     "available",
+    "available_grad_modes",
     "available_root_finders",
     "get",
     "get_root_finder",
+    "install_torchdiffeq",
+    "odeint",
     "register",
     "register_root_finder",
+    "solve_fixed_point",
 ]

@@ -1,0 +1,136 @@
+"""Adaptive embedded Runge-Kutta steps delegated to torchdiffeq: dopri5, bosh3, adaptive_heun, dopri8.
+
+One "step" integrates from ``t`` to ``t + dt`` with torchdiffeq's error-controlled substeps; ``StepInfo.nfev``
+counts every evaluation torchdiffeq made. The Butcher tableaux are read from torchdiffeq's own tables, so
+they describe exactly the integrators that run.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from typing import Any, ClassVar
+
+import torch
+import torchdiffeq
+from torch import Tensor
+from torchdiffeq._impl import adaptive_heun, bosh3, dopri5, dopri8
+from torchdiffeq._impl.rk_common import _ButcherTableau
+
+from ._base import ButcherTableau, Method, StepInfo, VectorField, as_time, check_state, check_step
+from .implicit import checked_field
+from .registry import register
+
+
+def _exact(x: float) -> Fraction | float:
+    """``x`` as a small-denominator fraction when it is exactly that fraction in float64, else ``x``."""
+    frac = Fraction(x).limit_denominator(10**6)
+    return frac if float(frac) == x else x
+
+
+def tableau_from_torchdiffeq(tab: _ButcherTableau) -> ButcherTableau:
+    """Full ``(A, b, c)`` of a torchdiffeq ``_ButcherTableau(alpha, beta, c_sol, c_error)``.
+
+    torchdiffeq stores the nodes after the first (``alpha``) and the non-zero part of each row of ``A``
+    (``beta``); ``c_sol`` are the weights of the propagated solution.
+    """
+    stages = len(tab.c_sol)
+    c = (Fraction(0), *(_exact(float(a)) for a in tab.alpha))
+    rows: list[tuple[Fraction | float, ...]] = [(Fraction(0),) * stages]
+    for beta in tab.beta:
+        known = [_exact(float(x)) for x in beta]
+        rows.append((*known, *(Fraction(0),) * (stages - len(known))))
+    b = tuple(_exact(float(x)) for x in tab.c_sol)
+    return ButcherTableau(A=tuple(rows), b=b, c=c)
+
+
+def _positive(name: str, value: Any) -> float:
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (is_number and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+class TorchdiffeqAdaptive(Method):
+    """A torchdiffeq adaptive solver run over one interval.
+
+    Options: ``rtol``, ``atol`` (error tolerances; torchdiffeq's defaults), ``first_step`` (initial
+    substep, ``None`` lets torchdiffeq choose), ``max_num_steps`` (substep budget per call).
+    """
+
+    adaptive = True
+    torchdiffeq_name: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        *,
+        rtol: float = 1e-7,
+        atol: float = 1e-9,
+        first_step: float | None = None,
+        max_num_steps: int = 2**31 - 1,
+    ) -> None:
+        self.rtol = _positive("rtol", rtol)
+        self.atol = _positive("atol", atol)
+        self.first_step = None if first_step is None else _positive("first_step", first_step)
+        if isinstance(max_num_steps, bool) or not isinstance(max_num_steps, int) or max_num_steps < 1:
+            raise ValueError(f"max_num_steps must be a positive integer, got {max_num_steps!r}")
+        self.max_num_steps = max_num_steps
+
+    def step(
+        self, f: VectorField, t: Tensor | float, y: Tensor, dt: Tensor | float
+    ) -> tuple[Tensor, StepInfo]:
+        check_step(dt)
+        check_state(y)
+        field = checked_field(f, y)
+        calls = 0
+
+        def counted(s: Tensor, z: Tensor) -> Tensor:
+            nonlocal calls
+            calls += 1
+            return field(s, z)
+
+        t0 = as_time(t, y)
+        times = torch.stack([t0, as_time(t0 + dt, y)])
+        options: dict[str, Any] = {"max_num_steps": self.max_num_steps}
+        if self.first_step is not None:
+            options["first_step"] = self.first_step
+        ys = torchdiffeq.odeint(
+            counted, y, times, rtol=self.rtol, atol=self.atol, method=self.torchdiffeq_name, options=options
+        )
+        return ys[1], StepInfo(nfev=calls)
+
+
+@register("dopri5")
+class Dopri5(TorchdiffeqAdaptive):
+    """Dormand-Prince 5(4) with FSAL (7 stages), torchdiffeq's default solver."""
+
+    order = dopri5.Dopri5Solver.order
+    torchdiffeq_name = "dopri5"
+    tableau = tableau_from_torchdiffeq(dopri5.Dopri5Solver.tableau)
+
+
+@register("bosh3")
+class Bosh3(TorchdiffeqAdaptive):
+    """Bogacki-Shampine 3(2) with FSAL (4 stages)."""
+
+    order = bosh3.Bosh3Solver.order
+    torchdiffeq_name = "bosh3"
+    tableau = tableau_from_torchdiffeq(bosh3.Bosh3Solver.tableau)
+
+
+@register("adaptive_heun")
+class AdaptiveHeun(TorchdiffeqAdaptive):
+    """Heun's method with an embedded Euler error estimate, 2(1)."""
+
+    order = adaptive_heun.AdaptiveHeunSolver.order
+    torchdiffeq_name = "adaptive_heun"
+    tableau = tableau_from_torchdiffeq(adaptive_heun.AdaptiveHeunSolver.tableau)
+
+
+@register("dopri8")
+class Dopri8(TorchdiffeqAdaptive):
+    """Dormand-Prince 8(7) (14 stages; coefficients are float64 approximations in torchdiffeq)."""
+
+    order = dopri8.Dopri8Solver.order
+    torchdiffeq_name = "dopri8"
+    tableau = tableau_from_torchdiffeq(dopri8.Dopri8Solver.tableau)

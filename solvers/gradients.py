@@ -1,0 +1,147 @@
+"""How gradients flow through a fixed-point solve ``z* = g(z*)``, chosen by name.
+
+* ``unroll``: backpropagate through every iteration of the root finder (memory grows with iterations).
+* ``implicit``: implicit-function theorem. The forward solve runs without autograd; one application
+  ``z = g(z*)`` re-attaches the graph, and a backward hook on ``z`` replaces the incoming gradient ``v``
+  by the solution of the adjoint fixed point ``u = J_g(z*)^T u + v``, solved matrix-free (VJPs) with the
+  same root finder. Memory is that of one application of ``g``.
+* ``one_step``: Jacobian-free backprop (Fung et al., 2022): return ``g(z*)`` with ``z*`` detached, i.e.
+  approximate ``(I - J)^{-1}`` by ``I``. Cheap, common in deep-equilibrium practice.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from ._base import ConvergenceError, ConvergenceWarning, FixedPointMap, RootFinder, RootInfo
+from .registry import get_root_finder
+
+# (g, z0, finder, what to do if the adjoint solve fails) -> (z, info)
+GradMode = Callable[[FixedPointMap, Tensor, RootFinder, str], tuple[Tensor, RootInfo]]
+ON_FAILURE = ("warn", "raise", "ignore")
+GRAD_MODES: dict[str, GradMode] = {}
+
+
+def _grad_mode(name: str) -> Callable[[GradMode], GradMode]:
+    def add(fn: GradMode) -> GradMode:
+        GRAD_MODES[name] = fn
+        return fn
+
+    return add
+
+
+def available_grad_modes() -> list[str]:
+    """Names of the gradient modes accepted by ``solve_fixed_point`` and the implicit step methods."""
+    return sorted(GRAD_MODES)
+
+
+def check_grad_mode(grad: str) -> str:
+    """Return ``grad`` if it names a gradient mode, else raise ``ValueError`` listing the valid modes."""
+    if not isinstance(grad, str) or grad not in GRAD_MODES:
+        raise ValueError(f"Unknown gradient mode {grad!r}. Valid modes: {', '.join(available_grad_modes())}")
+    return grad
+
+
+def solve_fixed_point(
+    g: FixedPointMap,
+    z0: Tensor,
+    finder: RootFinder | str,
+    grad: str = "implicit",
+    *,
+    adjoint_on_failure: str | None = None,
+) -> tuple[Tensor, RootInfo]:
+    """Solve ``z = g(z)`` from ``z0`` with ``finder`` (instance or registered name); gradients per ``grad``.
+
+    ``RootInfo.nfev`` includes the extra application of ``g`` that ``implicit``/``one_step`` use to attach
+    the graph (made only when autograd is enabled). ``adjoint_on_failure`` (``"warn"``, ``"raise"``,
+    ``"ignore"``; ``None``: the finder's ``on_failure``) handles a non-converged adjoint solve of the
+    ``implicit`` mode, which happens during backward, where a caller cannot inspect it.
+    """
+    mode = GRAD_MODES[check_grad_mode(grad)]
+    if isinstance(finder, str):
+        finder = get_root_finder(finder)
+    if not isinstance(finder, RootFinder):
+        raise TypeError(f"finder must be a RootFinder or a root-finder name, got {type(finder).__name__}")
+    if adjoint_on_failure is None:
+        adjoint_on_failure = finder.on_failure
+    if adjoint_on_failure not in ON_FAILURE:
+        raise ValueError(
+            f"adjoint_on_failure must be one of {', '.join(ON_FAILURE)}, got {adjoint_on_failure!r}"
+        )
+    return mode(g, z0, finder, adjoint_on_failure)
+
+
+@_grad_mode("unroll")
+def _unroll(
+    g: FixedPointMap, z0: Tensor, finder: RootFinder, adjoint_on_failure: str
+) -> tuple[Tensor, RootInfo]:
+    return finder.solve(g, z0)
+
+
+@_grad_mode("one_step")
+def _one_step(
+    g: FixedPointMap, z0: Tensor, finder: RootFinder, adjoint_on_failure: str
+) -> tuple[Tensor, RootInfo]:
+    with torch.no_grad():
+        z_star, info = finder.solve(g, z0)
+    if not torch.is_grad_enabled():
+        return z_star, info
+    info.nfev += 1
+    return g(z_star.detach()), info
+
+
+@_grad_mode("implicit")
+def _implicit(
+    g: FixedPointMap, z0: Tensor, finder: RootFinder, adjoint_on_failure: str
+) -> tuple[Tensor, RootInfo]:
+    with torch.no_grad():
+        z_star, info = finder.solve(g, z0)
+    if not torch.is_grad_enabled():
+        return z_star, info
+    z_star = z_star.detach()
+    z = g(z_star)
+    info.nfev += 1
+    if z.requires_grad:
+        z.register_hook(_AdjointHook(g, z_star, finder, adjoint_on_failure))
+    return z, info
+
+
+class _AdjointHook:
+    """Backward hook mapping the incoming gradient ``v`` to ``u`` solving ``u = J_g(z*)^T u + v``.
+
+    The Jacobian is only needed in the backward pass, so one fresh application of ``g`` at a detached
+    copy of ``z*`` is recorded there and its graph reused (``retain_graph``) for every VJP.
+    """
+
+    def __init__(self, g: FixedPointMap, z_star: Tensor, finder: RootFinder, on_failure: str) -> None:
+        self.g = g
+        self.z_star = z_star
+        self.finder = copy.copy(finder)
+        self.finder.on_failure = "ignore"  # reported below, naming the adjoint solve
+        self.on_failure = on_failure
+
+    def __call__(self, v: Tensor | None) -> Tensor | None:
+        if v is None:  # undefined incoming gradient: nothing to solve
+            return None
+        with torch.enable_grad():
+            z_leaf = self.z_star.detach().requires_grad_()
+            gz = self.g(z_leaf)
+
+        def adjoint_map(u: Tensor) -> Tensor:
+            (vjp,) = torch.autograd.grad(gz, z_leaf, u, retain_graph=True, allow_unused=True)
+            return v if vjp is None else vjp + v  # None: g does not depend on z, so J = 0
+
+        with torch.no_grad():
+            u, info = self.finder.solve(adjoint_map, v.detach())
+        info.solver = self.finder.name
+        if not info.all_converged and self.on_failure != "ignore":
+            message = f"adjoint solve of the implicit gradient did not converge: {info.summary()}"
+            if self.on_failure == "raise":
+                raise ConvergenceError(message)
+            warnings.warn(message, ConvergenceWarning, stacklevel=2)
+        return u

@@ -1,0 +1,179 @@
+"""Implicit Runge-Kutta steps solved as fixed points: implicit_euler, trapezoid, implicit_midpoint.
+
+Each step writes its equation as ``z = g(z)`` and hands it to a root finder from the registry through
+``solve_fixed_point`` (so the gradient mode is a choice too). Implicit Euler with step 1 is the IM-BERT
+layer ``h[l+1] = h[l] + f_l(h[l+1])``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from fractions import Fraction as F
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._base import (
+    ButcherTableau,
+    FixedPointMap,
+    Method,
+    StepInfo,
+    VectorField,
+    as_time,
+    check_state,
+    check_step,
+)
+from .gradients import ON_FAILURE, check_grad_mode, solve_fixed_point
+from .registry import get_root_finder, register
+
+DEFAULT_ROOT = "anderson"
+DEFAULT_GRAD = "implicit"
+INITIAL_GUESSES = ("explicit", "previous")
+
+# (g, initial guess, map from the fixed point z to y_next)
+FixedPointProblem = tuple[FixedPointMap, Tensor, Callable[[Tensor], Tensor]]
+
+
+def checked_field(f: VectorField, y: Tensor) -> VectorField:
+    """Wrap ``f`` so that a result not shaped like the state raises a clear ``ValueError``."""
+
+    def wrapped(t: Tensor, z: Tensor) -> Tensor:
+        out = f(t, z)
+        if not isinstance(out, Tensor) or out.shape != y.shape:
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(
+                f"the vector field returned {shape}, expected a tensor shaped like the state {tuple(y.shape)}"
+            )
+        return out
+
+    return wrapped
+
+
+class ImplicitRK(Method):
+    """Shared options and bookkeeping of the implicit steps.
+
+    Options: ``root`` (root-finder name), ``root_options`` (extra keyword options for that finder, e.g.
+    ``{"m": 5}``), ``grad`` (gradient mode), ``tol``/``max_iter``/``on_failure`` (passed to the finder;
+    ``tol=None`` is dtype-aware), ``adjoint_on_failure`` (non-converged adjoint solve of the ``implicit``
+    gradient, found during backward; separate so that a caller silencing forward reports still hears
+    about it), ``init`` (``"explicit"``: start from an explicit Euler predictor as
+    IM-BERT does; ``"previous"``: start from ``y``).
+    """
+
+    implicit = True
+
+    def __init__(
+        self,
+        *,
+        root: str = DEFAULT_ROOT,
+        root_options: dict[str, Any] | None = None,
+        grad: str = DEFAULT_GRAD,
+        tol: float | None = None,
+        max_iter: int = 50,
+        on_failure: str = "warn",
+        adjoint_on_failure: str = "warn",
+        init: str = "explicit",
+    ) -> None:
+        if root_options is None:
+            root_options = {}
+        if not isinstance(root_options, dict):
+            raise TypeError(f"root_options must be a dict or None, got {type(root_options).__name__}")
+        clash = sorted({"tol", "max_iter", "on_failure"} & set(root_options))
+        if clash:
+            raise ValueError(f"pass {', '.join(clash)} as step options, not inside root_options")
+        if adjoint_on_failure not in ON_FAILURE:
+            raise ValueError(
+                f"adjoint_on_failure must be one of {', '.join(ON_FAILURE)}, got {adjoint_on_failure!r}"
+            )
+        if init not in INITIAL_GUESSES:
+            raise ValueError(f"init must be one of {', '.join(map(repr, INITIAL_GUESSES))}, got {init!r}")
+        self.root = root
+        self.root_options = dict(root_options)
+        self.grad = check_grad_mode(grad)
+        self.tol = tol
+        self.max_iter = max_iter
+        self.on_failure = on_failure
+        self.adjoint_on_failure = adjoint_on_failure
+        self.init = init
+        self._finder = get_root_finder(
+            root, tol=tol, max_iter=max_iter, on_failure=on_failure, **self.root_options
+        )
+
+    def step(
+        self, f: VectorField, t: Tensor | float, y: Tensor, dt: Tensor | float
+    ) -> tuple[Tensor, StepInfo]:
+        check_step(dt)
+        check_state(y)
+        field = checked_field(f, y)
+        calls = 0
+
+        def counted(s: Tensor, z: Tensor) -> Tensor:
+            # counting calls (not RootInfo.nfev) also covers evaluations inside Jacobian products
+            nonlocal calls
+            calls += 1
+            return field(s, z)
+
+        g, z0, finish = self._fixed_point(counted, as_time(t, y), y, dt)
+        z, root_info = solve_fixed_point(
+            g, z0, self._finder, self.grad, adjoint_on_failure=self.adjoint_on_failure
+        )
+        extra = {"jacobian_products": float(root_info.nvjp)} if root_info.nvjp else {}
+        return finish(z), StepInfo(nfev=calls, root=root_info, extra=extra)
+
+    def _predictor(self, f: VectorField, t: Tensor, y: Tensor, dt: Tensor | float) -> Tensor:
+        """Explicit Euler guess ``y + dt f(t, y)``; without a graph unless gradients unroll through it."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.grad == "unroll"):
+            return y + dt * f(t, y)
+
+    @abc.abstractmethod
+    def _fixed_point(self, f: VectorField, t: Tensor, y: Tensor, dt: Tensor | float) -> FixedPointProblem:
+        """The map ``g`` whose fixed point defines the step, the initial guess and ``z -> y_next``."""
+
+
+@register("implicit_euler")
+class ImplicitEuler(ImplicitRK):
+    """Backward Euler, order 1, L-stable: ``z = y + dt f(t + dt, z)``, ``y_next = z``."""
+
+    order = 1
+    tableau = ButcherTableau(A=((F(1),),), b=(F(1),), c=(F(1),))
+
+    def _fixed_point(self, f: VectorField, t: Tensor, y: Tensor, dt: Tensor | float) -> FixedPointProblem:
+        t1 = t + dt
+        z0 = self._predictor(f, t, y, dt) if self.init == "explicit" else y
+        return (lambda z: y + dt * f(t1, z)), z0, (lambda z: z)
+
+
+@register("trapezoid")
+class Trapezoid(ImplicitRK):
+    """Trapezoidal rule (Crank-Nicolson), order 2, A-stable: ``z = y + dt/2 (f(t, y) + f(t + dt, z))``."""
+
+    order = 2
+    tableau = ButcherTableau(A=((F(0), F(0)), (F(1, 2), F(1, 2))), b=(F(1, 2), F(1, 2)), c=(F(0), F(1)))
+
+    def _fixed_point(self, f: VectorField, t: Tensor, y: Tensor, dt: Tensor | float) -> FixedPointProblem:
+        t1 = t + dt
+        f0 = f(t, y)
+        base = y + (0.5 * dt) * f0
+        if self.init == "previous":
+            z0 = y
+        else:  # the predictor reuses f0; its graph matters only when unrolling
+            z0 = y + dt * f0 if self.grad == "unroll" else (y + dt * f0).detach()
+        return (lambda z: base + (0.5 * dt) * f(t1, z)), z0, (lambda z: z)
+
+
+@register("implicit_midpoint")
+class ImplicitMidpoint(ImplicitRK):
+    """Implicit midpoint, order 2, symplectic: stage ``z = y + dt/2 f(t + dt/2, z)``, ``y_next = 2 z - y``.
+
+    ``2 z - y`` equals ``y + dt f(t + dt/2, z)`` at the fixed point and saves an evaluation.
+    """
+
+    order = 2
+    tableau = ButcherTableau(A=((F(1, 2),),), b=(F(1),), c=(F(1, 2),))
+
+    def _fixed_point(self, f: VectorField, t: Tensor, y: Tensor, dt: Tensor | float) -> FixedPointProblem:
+        t_mid = t + 0.5 * dt
+        z0 = self._predictor(f, t, y, 0.5 * dt) if self.init == "explicit" else y
+        return (lambda z: y + (0.5 * dt) * f(t_mid, z)), z0, (lambda z: 2 * z - y)

@@ -1,0 +1,173 @@
+"""Gradient modes of fixed-point solves: implicit (adjoint) vs unroll vs one_step, against references."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import solvers
+from solvers import ConvergenceWarning, solve_fixed_point
+
+F64 = torch.float64
+
+
+def contraction_problem(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Weights of g(z) = tanh(z W^T + x) + b with ||W|| = 0.5 (a contraction); batch 2, size 3."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(3, 3, generator=gen, dtype=F64)
+    w = 0.5 * w / torch.linalg.matrix_norm(w, ord=2)
+    x = torch.randn(2, 3, generator=gen, dtype=F64)
+    b = 0.1 * torch.randn(3, generator=gen, dtype=F64)
+    return w.requires_grad_(), x.requires_grad_(), b.requires_grad_()
+
+
+def solve(w: torch.Tensor, x: torch.Tensor, b: torch.Tensor, root: str, grad: str) -> torch.Tensor:
+    def g(z: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(z @ w.T + x) + b
+
+    finder = solvers.get_root_finder(root, tol=1e-13, max_iter=300)
+    z, info = solve_fixed_point(g, torch.zeros_like(x), finder, grad)
+    assert info.all_converged
+    return z
+
+
+@pytest.mark.parametrize("root", ["picard", "anderson"])
+def test_implicit_gradient_passes_gradcheck(root: str) -> None:
+    w, x, b = contraction_problem()
+    assert torch.autograd.gradcheck(lambda w_, x_, b_: solve(w_, x_, b_, root, "implicit"), (w, x, b),
+                                    eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("root", ["picard", "anderson", "broyden", "newton_krylov"])
+def test_implicit_matches_unrolled_gradient(root: str) -> None:
+    w, x, b = contraction_problem(1)
+    weights = torch.linspace(-1.0, 1.0, 6, dtype=F64).reshape(2, 3)
+    grads = {}
+    for grad in ("unroll", "implicit"):
+        loss = (weights * solve(w, x, b, "picard" if grad == "unroll" else root, grad)).sum()
+        grads[grad] = torch.autograd.grad(loss, (w, x, b))
+    for unrolled, implicit in zip(grads["unroll"], grads["implicit"]):
+        torch.testing.assert_close(implicit, unrolled, atol=1e-6, rtol=1e-6)
+
+
+def test_one_step_is_the_jacobian_free_gradient_on_a_linear_map() -> None:
+    """g(z) = A z + B x: implicit gives B^T (I - A)^-T c, one_step gives B^T c."""
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randn(4, 4, generator=gen, dtype=F64)
+    a = 0.4 * a / torch.linalg.matrix_norm(a, ord=2)
+    bmat = torch.randn(4, 3, generator=gen, dtype=F64)
+    c = torch.randn(4, dtype=F64)
+    x = torch.randn(3, dtype=F64, requires_grad=True)
+    finder = solvers.get_root_finder("anderson", tol=1e-13, max_iter=100)
+    expected = {
+        "one_step": bmat.T @ c,
+        "implicit": bmat.T @ torch.linalg.solve((torch.eye(4, dtype=F64) - a).T, c),
+    }
+    for grad, reference in expected.items():
+        z, _ = solve_fixed_point(lambda z: a @ z + bmat @ x, torch.zeros(4, dtype=F64), finder, grad)
+        torch.testing.assert_close(z, torch.linalg.solve(torch.eye(4, dtype=F64) - a, bmat @ x))
+        (gx,) = torch.autograd.grad(c @ z, x)
+        assert torch.isfinite(gx).all()
+        torch.testing.assert_close(gx, reference, atol=1e-9, rtol=1e-9)
+
+
+def test_implicit_mode_keeps_one_application_in_the_graph() -> None:
+    """Memory does not grow with iterations: the graph holds one application of g, however many iterations."""
+    w, x, b = contraction_problem(3)
+    calls = 0
+
+    def g(z: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return torch.tanh(z @ w.T + x) + b
+
+    finder = solvers.get_root_finder("picard", tol=1e-13, max_iter=300)
+    z, info = solve_fixed_point(g, torch.zeros_like(x), finder, "implicit")
+    assert info.iterations.max() > 10 and calls == info.nfev
+
+    def count_tanh(fn: object, seen: set) -> int:
+        if fn is None or fn in seen:
+            return 0
+        seen.add(fn)
+        own = int(type(fn).__name__.startswith("TanhBackward"))
+        return own + sum(count_tanh(nxt, seen) for nxt, _ in fn.next_functions)
+
+    assert count_tanh(z.grad_fn, set()) == 1
+
+
+def test_no_graph_when_nothing_requires_grad() -> None:
+    w, x, b = (p.detach() for p in contraction_problem(4))
+    for grad in solvers.available_grad_modes():
+        assert not solve(w, x, b, "anderson", grad).requires_grad
+
+
+def test_implicit_step_gradient_through_implicit_euler() -> None:
+    """d y1 / d a for y1 = y0 / (1 - a dt) (implicit Euler on y' = a y) matches the analytic derivative."""
+    a = torch.tensor(-0.7, dtype=F64, requires_grad=True)
+    y0 = torch.tensor([1.0, 2.0], dtype=F64)
+    dt = 0.5
+    for grad in solvers.available_grad_modes():
+        step = solvers.get("implicit_euler", root="anderson", grad=grad, tol=1e-13, max_iter=100)
+        y1, _ = step.step(lambda t, y: a * y, 0.0, y0, dt)
+        torch.testing.assert_close(y1, y0 / (1 - a.detach() * dt))
+        (ga,) = torch.autograd.grad(y1.sum(), a)
+        exact = y0.sum() * dt / (1 - a.detach() * dt) ** 2
+        if grad == "one_step":  # d/da [y0 + dt a z*] with z* fixed
+            exact = dt * y1.detach().sum()
+        torch.testing.assert_close(ga, exact, atol=1e-9, rtol=1e-9)
+
+
+def test_adjoint_non_convergence_is_reported() -> None:
+    """Forward solve converges at once (exact start); the adjoint solve gets one iteration and must warn."""
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(4, 4, generator=gen, dtype=F64)
+    a = 0.9 * a / torch.linalg.matrix_norm(a, ord=2)
+    x = torch.randn(4, dtype=F64, requires_grad=True)
+    z_exact = torch.linalg.solve(torch.eye(4, dtype=F64) - a, x.detach())
+    finder = solvers.get_root_finder("picard", tol=1e-10, max_iter=1)
+    z, info = solve_fixed_point(lambda z: a @ z + x, z_exact, finder, "implicit")
+    assert info.all_converged
+    with pytest.warns(ConvergenceWarning, match="adjoint.*residual"):
+        z.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_unknown_grad_mode() -> None:
+    with pytest.raises(ValueError, match="implicit, one_step, unroll"):
+        solve_fixed_point(lambda z: 0.5 * z, torch.ones(2), "picard", "backprop")
+    with pytest.raises(ValueError, match="anderson"):
+        solve_fixed_point(lambda z: 0.5 * z, torch.ones(2), "andersen")
+
+
+def test_implicit_gradient_when_g_ignores_z() -> None:
+    """y' = a (constant field): implicit Euler gives y0 + dt a, so d(sum y1)/da = dt per component."""
+    a = torch.tensor([0.5, -1.0], dtype=F64, requires_grad=True)
+    step = solvers.get("implicit_euler", root="anderson", grad="implicit")
+    y1, _ = step.step(lambda t, y: a.expand_as(y), 0.0, torch.zeros(2, dtype=F64), 0.25)
+    (ga,) = torch.autograd.grad(y1.sum(), a)
+    torch.testing.assert_close(ga, torch.full((2,), 0.25, dtype=F64))
+
+
+def test_step_reports_adjoint_failure_even_when_forward_reports_are_off() -> None:
+    """y0 = 0 is the exact forward solution of y' = a y, so only the (one-iteration) adjoint solve fails."""
+    a = torch.tensor(-3.0, dtype=F64, requires_grad=True)
+    y0 = torch.zeros(3, dtype=F64)
+
+    def backward(**options: str) -> None:
+        step = solvers.get("implicit_euler", root="picard", max_iter=1, on_failure="ignore", init="previous",
+                           **options)
+        y1, info = step.step(lambda t, y: a * y, 0.0, y0, 0.1)
+        assert info.root.all_converged
+        y1.sum().backward()
+
+    with pytest.warns(ConvergenceWarning, match="adjoint"):
+        backward()
+    with pytest.raises(solvers.ConvergenceError, match="adjoint"):
+        backward(adjoint_on_failure="raise")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        backward(adjoint_on_failure="ignore")
+    with pytest.raises(ValueError, match="warn, raise, ignore"):
+        solvers.get("implicit_euler", adjoint_on_failure="loud")
