@@ -77,7 +77,9 @@ def batch_size(x: Tensor) -> int:
 
 def default_tol(dtype: torch.dtype) -> float:
     """Relative tolerance suited to ``dtype``: about ``eps ** 0.6`` (1e-10 for float64, 1e-5 for float32)."""
-    return {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}.get(dtype, 1e-5)
+    return {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}.get(
+        dtype, 1e-5
+    )
 
 
 @dataclass
@@ -90,6 +92,8 @@ class RootInfo:
     rel_residual: Tensor  # ||g(z) - z|| / ||g(z)|| per sample
     converged: Tensor  # bool per sample
     solver: str = ""
+    nvjp: int = 0  # Jacobian-vector or vector-Jacobian products (each on the whole batch)
+    diverged: Tensor | None = None  # bool per sample: stopped by a non-finite residual (None: not tracked)
 
     @property
     def all_converged(self) -> bool:
@@ -100,10 +104,13 @@ class RootInfo:
         return float(self.rel_residual.max())
 
     def summary(self) -> str:
+        products = f", {self.nvjp} Jacobian products" if self.nvjp else ""
+        n_diverged = 0 if self.diverged is None else int(self.diverged.sum())
+        diverged = f", diverged {n_diverged}" if n_diverged else ""
         return (
-            f"{self.solver}: {int(self.iterations.max())} iterations, {self.nfev} evaluations, "
+            f"{self.solver}: {int(self.iterations.max())} iterations, {self.nfev} evaluations{products}, "
             f"max relative residual {self.max_rel_residual:.3g}, "
-            f"converged {int(self.converged.sum())}/{self.converged.numel()}"
+            f"converged {int(self.converged.sum())}/{self.converged.numel()}{diverged}"
         )
 
 
@@ -156,10 +163,11 @@ class RootFinder(abc.ABC):
     def report(self, info: RootInfo) -> None:
         if info.all_converged or self.on_failure == "ignore":
             return
-        finite = bool(torch.isfinite(info.rel_residual).all())
-        message = (
-            f"root finder {self.name!r} did not converge: {info.summary()}"
-            + ("" if finite else " (non-finite residual: the iteration diverged)")
+        finite = bool(torch.isfinite(info.rel_residual).all()) and not (
+            info.diverged is not None and bool(info.diverged.any())
+        )
+        message = f"root finder {self.name!r} did not converge: {info.summary()}" + (
+            "" if finite else " (non-finite residual: the iteration diverged; last finite iterate kept)"
         )
         if self.on_failure == "raise":
             raise ConvergenceError(message)
@@ -184,7 +192,9 @@ class Method(abc.ABC):
     tableau: ClassVar[ButcherTableau | None] = None
 
     @abc.abstractmethod
-    def step(self, f: VectorField, t: Tensor | float, y: Tensor, dt: Tensor | float) -> tuple[Tensor, StepInfo]:
+    def step(
+        self, f: VectorField, t: Tensor | float, y: Tensor, dt: Tensor | float
+    ) -> tuple[Tensor, StepInfo]:
         """Advance ``y`` from ``t`` to ``t + dt``."""
 
     def __call__(self, f: VectorField, t: Tensor | float, y: Tensor, dt: Tensor | float) -> Tensor:
@@ -200,7 +210,9 @@ def check_state(y: Tensor, what: str = "state") -> None:
     if not isinstance(y, Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(y).__name__}")
     if not y.is_floating_point():
-        raise TypeError(f"{what} must have a floating dtype (float16/bfloat16/float32/float64), got {y.dtype}")
+        raise TypeError(
+            f"{what} must have a floating dtype (float16/bfloat16/float32/float64), got {y.dtype}"
+        )
     if not bool(torch.isfinite(y).all()):
         raise ValueError(f"{what} contains NaN or Inf")
 

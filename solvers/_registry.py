@@ -21,11 +21,12 @@ def option_names(cls: type) -> list[str]:
         init = klass.__dict__.get("__init__")
         if init is None:
             continue
-        for param in inspect.signature(init).parameters.values():
-            if param.name != "self" and param.kind in (param.KEYWORD_ONLY, param.POSITIONAL_OR_KEYWORD):
-                if param.name not in names:
-                    names.append(param.name)
-        if not any(p.kind is p.VAR_KEYWORD for p in inspect.signature(init).parameters.values()):
+        params = list(inspect.signature(init).parameters.values())
+        for param in params:
+            keyword = param.kind in (param.KEYWORD_ONLY, param.POSITIONAL_OR_KEYWORD)
+            if keyword and param.name != "self" and param.name not in names:
+                names.append(param.name)
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
             break
     return names
 
@@ -47,7 +48,9 @@ class Registry(Generic[T]):
             if not isinstance(name, str) or not name:
                 raise ValueError(f"{self.kind} name must be a non-empty string, got {name!r}")
             if name in self._entries and self._entries[name] is not klass:
-                raise ValueError(f"{self.kind} {name!r} is already registered to {self._entries[name].__name__}")
+                raise ValueError(
+                    f"{self.kind} {name!r} is already registered to {self._entries[name].__name__}"
+                )
             self._entries[name] = klass
             klass.name = name  # type: ignore[attr-defined]
             return klass
@@ -83,5 +86,3 @@ class Registry(Generic[T]):
 
     def items(self) -> list[tuple[str, type[T]]]:
         return sorted(self._entries.items())
-
-

@@ -16,7 +16,9 @@ class ExplicitRK(Method):
     def __init__(self) -> None:
         pass
 
-    def step(self, f: VectorField, t: Tensor | float, y: Tensor, dt: Tensor | float) -> tuple[Tensor, StepInfo]:
+    def step(
+        self, f: VectorField, t: Tensor | float, y: Tensor, dt: Tensor | float
+    ) -> tuple[Tensor, StepInfo]:
         check_step(dt)
         tab = self.tableau
         assert tab is not None

@@ -1,3 +1,3 @@
 """Matrix-free root finders for ``z = g(z)``, one module per family; each registers itself."""
 
-from . import picard  # noqa: F401
+from . import anderson, broyden, gd, newton_krylov, picard  # noqa: F401

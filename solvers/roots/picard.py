@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from .._base import FixedPointMap, RootFinder, RootInfo, batch_size, sample_norm
+from .._base import FixedPointMap, RootFinder, RootInfo
 from ..registry import register_root_finder
-
-
-def _per_sample(mask: Tensor, like: Tensor) -> Tensor:
-    """Broadcast a per-sample mask to ``like``'s shape (dim 0 is the batch when ndim >= 2)."""
-    return mask.reshape(-1, *([1] * (like.ndim - 1))) if like.ndim >= 2 else mask.reshape(())
+from ._common import IterationState
 
 
 @register_root_finder("picard")
 class Picard(RootFinder):
-    """Damped fixed-point iteration; converges when ``g`` is a contraction (e.g. small steps)."""
+    """Damped fixed-point iteration; converges when ``g`` is a contraction (e.g. small steps).
+
+    Choose it when ``g`` is strongly contractive: one evaluation per iteration and no Jacobian
+    products, so it is the cheapest finder per iteration; it converges linearly at the contraction
+    rate and fails for stiff or non-contractive maps (use ``anderson`` or ``newton_krylov`` there).
+    """
 
     def __init__(self, *, damping: float = 1.0, tol: float | None = None, max_iter: int = 50,
                  on_failure: str = "warn") -> None:
@@ -26,25 +26,10 @@ class Picard(RootFinder):
         self.damping = float(damping)
 
     def _solve(self, g: FixedPointMap, z0: Tensor, tol: float) -> tuple[Tensor, RootInfo]:
-        n = batch_size(z0)
-        z = z0
-        iterations = torch.zeros(n, dtype=torch.long, device=z0.device)
-        active = torch.ones(n, dtype=torch.bool, device=z0.device)
-        gz = g(z)
-        nfev = 1
-        abs_res = sample_norm(gz - z)
-        rel_res = abs_res / sample_norm(gz).clamp_min(torch.finfo(abs_res.dtype).tiny)
+        state = IterationState(g, z0, tol)
         for _ in range(self.max_iter):
-            active = active & (rel_res > tol) & torch.isfinite(rel_res)
-            if not bool(active.any()):
+            if not bool(state.active.any()):
                 break
-            step = z + self.damping * (gz - z)
-            z = torch.where(_per_sample(active, z), step, z)
-            iterations = iterations + active.long()
-            gz_new = g(z)
-            nfev += 1
-            gz = torch.where(_per_sample(active, z), gz_new, gz)
-            abs_res = sample_norm(gz - z)
-            rel_res = abs_res / sample_norm(gz).clamp_min(torch.finfo(abs_res.dtype).tiny)
-        converged = rel_res <= tol
-        return z, RootInfo(iterations, nfev, abs_res, rel_res, converged)
+            z_new, gz_new = state.evaluate(state.z + self.damping * (state.gz - state.z))
+            state.accept(z_new, gz_new, state.active)
+        return state.result()
