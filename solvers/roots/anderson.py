@@ -52,7 +52,17 @@ class Anderson(RootFinder):
         return state.result()
 
     def _coefficients(self, d_f: Tensor, f: Tensor) -> Tensor:
-        """Per-sample regularised least squares ``(dF^T dF + lam s I) gamma = dF^T f``."""
+        """Per-sample regularised least squares ``(dF^T dF + lam s I) gamma = dF^T f``.
+
+        Solved in at least float32 with autocast off (no half-precision LU exists), returned in ``d_f``'s dtype.
+        """
+        out_dtype = d_f.dtype
+        work = torch.promote_types(out_dtype, torch.float32)
+        with torch.autocast(d_f.device.type, enabled=False):
+            gamma = self._solve_normal_equations(d_f.to(work), f.to(work))
+        return gamma.to(out_dtype)
+
+    def _solve_normal_equations(self, d_f: Tensor, f: Tensor) -> Tensor:
         gram = d_f.transpose(1, 2) @ d_f  # (batch, k, k)
         rhs = (d_f.transpose(1, 2) @ f.unsqueeze(2)).squeeze(2)
         k = gram.shape[-1]

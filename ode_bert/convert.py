@@ -1,0 +1,440 @@
+"""Turn the layers of a loaded Hugging Face encoder into steps of an ODE solver, in place.
+
+``convert`` replaces the instance ``forward`` of each selected encoder layer by an ``ODEConnection``:
+the layer's module hooks (e.g. transformers' ``output_hidden_states`` recording) then see the ODE step's
+output, every extra argument the encoder passes (attention mask, cache, ...) reaches each evaluation of
+the layer unchanged, and no parameter or buffer is added, so ``state_dict()`` and checkpoints stay stock.
+The configuration is stored in ``model.config.ode_bert`` and survives ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import solvers
+from solvers import ConvergenceError, ConvergenceWarning, Method, StepInfo
+from solvers._registry import option_names
+from solvers.registry import METHODS
+
+from .field import LayerField, check_framing, split_hidden, stock_forward
+
+CONFIG_KEY = "ode_bert"
+IMPLICIT_ONLY_OPTIONS: tuple[str, ...] = ("root", "grad", "tol", "max_iter")
+ON_FAILURE_CHOICES: tuple[str, ...] = ("warn", "raise", "ignore")
+SUPPORTED_ENCODERS = (
+    "BERT-style encoders with an nn.ModuleList of transformer blocks, e.g. BERT/MiniLM (encoder.layer), "
+    "RoBERTa, ELECTRA, DistilBERT (transformer.layer)"
+)
+
+# IM-BERT / EX-BERT defaults (module constants so they can be tuned on held-out data).
+IM_BERT_LAYERS: str = "all"
+IM_BERT_STEP: float = 1.0
+IM_BERT_FIELD: str = "layer"
+EX_BERT_LAYERS: str = "all"
+EX_BERT_STEP: float = 1.0
+EX_BERT_FIELD: str = "layer"
+
+
+# --------------------------------------------------------------------------------------------------
+# Finding and selecting layers
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_block_list(module: nn.Module) -> bool:
+    """A non-empty ModuleList of same-typed composite modules (transformer blocks, not plain Linears)."""
+    if not isinstance(module, nn.ModuleList) or len(module) == 0:
+        return False
+    first = module[0]
+    return all(type(m) is type(first) for m in module) and len(list(first.children())) >= 2
+
+
+def find_layers(model: nn.Module) -> nn.ModuleList:
+    """The ``ModuleList`` of the encoder's transformer blocks, found by searching the module tree.
+
+    Candidates are ModuleLists of same-typed composite blocks whose length equals the config's
+    ``num_hidden_layers`` (when the model has one); the shallowest wins. Encoder-decoder models and
+    models without such a list raise ``TypeError`` naming what is supported.
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        raise TypeError(
+            f"{type(model).__name__} is an encoder-decoder model; ode_bert supports {SUPPORTED_ENCODERS}"
+        )
+    depth = getattr(config, "num_hidden_layers", None)
+    candidates = [
+        (name, module)
+        for name, module in model.named_modules()
+        if _is_block_list(module) and (depth is None or len(module) == depth)
+    ]
+    if not candidates:
+        raise TypeError(
+            f"no encoder layer list found in {type(model).__name__}; ode_bert supports {SUPPORTED_ENCODERS}"
+        )
+    shallowest = min(name.count(".") for name, _ in candidates)
+    top = [(name, module) for name, module in candidates if name.count(".") == shallowest]
+    if len(top) > 1:
+        names = ", ".join(name for name, _ in top)
+        raise TypeError(
+            f"ambiguous encoder layer lists in {type(model).__name__} ({names}); "
+            f"ode_bert supports {SUPPORTED_ENCODERS}"
+        )
+    return top[0][1]
+
+
+def parse_layers(spec: str | Sequence[int], num_layers: int) -> list[int]:
+    """Sorted layer indices from ``"all"``, ``"0-5"``, ``"0,2,4"``, ``"0-2,5"`` or a list of ints."""
+    valid = f"valid layer indices are 0..{num_layers - 1} (e.g. 'all', '0-{num_layers - 1}', '0,2', [0, 2])"
+    if isinstance(spec, str):
+        if spec.strip() == "all":
+            return list(range(num_layers))
+        indices: list[int] = []
+        for part in spec.split(","):
+            match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+            if match is None:
+                raise ValueError(f"bad layer specification {spec!r}: cannot read {part!r}; {valid}")
+            start = int(match.group(1))
+            stop = int(match.group(2)) if match.group(2) is not None else start
+            if stop < start:
+                raise ValueError(f"bad layer range {part.strip()!r} in {spec!r} (start > end); {valid}")
+            indices.extend(range(start, stop + 1))
+    elif isinstance(spec, Sequence) and all(isinstance(i, int) and not isinstance(i, bool) for i in spec):
+        indices = list(spec)
+    else:
+        raise ValueError(f"layers must be a string or a sequence of ints, got {spec!r}; {valid}")
+    if not indices:
+        raise ValueError(f"no layers selected by {spec!r}; {valid}")
+    bad = [i for i in indices if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(f"layer indices {bad} out of range in {spec!r}; {valid}")
+    duplicates = sorted({i for i in indices if indices.count(i) > 1})
+    if duplicates:
+        raise ValueError(f"duplicate layer indices {duplicates} in {spec!r}; {valid}")
+    return sorted(indices)
+
+
+# --------------------------------------------------------------------------------------------------
+# The ODE connection
+# --------------------------------------------------------------------------------------------------
+
+
+class _RecordTrimmer:
+    """Snapshot transformers' active output collector so only the last evaluation's records are kept."""
+
+    def __init__(self) -> None:
+        self.collected: dict[str, list] | None = None
+        try:
+            from transformers.utils.output_capturing import _active_collector
+        except ImportError:  # older transformers return attentions in tuples, nothing to trim
+            return
+        collected = _active_collector.get()
+        if collected:
+            self.collected = {
+                k: v for k, v in collected.items() if k != "hidden_states" and isinstance(v, list)
+            }
+        self.start = {k: len(v) for k, v in (self.collected or {}).items()}
+        self.last = dict(self.start)
+
+    def mark(self) -> None:
+        """Called before each layer evaluation."""
+        if self.collected:
+            self.last = {k: len(v) for k, v in self.collected.items()}
+
+    def trim(self) -> None:
+        """Drop the records of all evaluations but the last one."""
+        for key, records in (self.collected or {}).items():
+            records[self.start[key] : self.last[key]] = []
+
+
+class _RandomState:
+    """The RNG state at the start of an ODE step, restored before every layer evaluation of that step.
+
+    In training mode the layer applies dropout; restoring the state makes every evaluation draw the
+    same dropout masks, so the step integrates one well-defined (if random) field and the implicit
+    equation has a fixed point.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+
+
+class ODEConnection:
+    """Replacement ``forward`` of one encoder layer: one ODE step over the layer's interval ``[l, l+1)``.
+
+    Fixed-step methods advance ``dh/dt = f_l(h)`` by ``step`` from ``t = l``; adaptive methods integrate
+    ``dh/dt = step * f_l(h)`` over ``[l, l+1]``. In training mode all evaluations of one step share the
+    dropout masks (see ``_RandomState``). Picklable (holds the layer, the step method and plain
+    settings; ``original`` is a previous instance ``forward`` of the layer, if any, to restore on unconvert).
+    """
+
+    def __init__(
+        self,
+        layer: nn.Module,
+        index: int,
+        solver: str,
+        method: Method,
+        step: float,
+        framing: str,
+        on_failure: str,
+        report: bool,
+        original: Callable[..., Any] | None,
+    ) -> None:
+        self.layer = layer
+        self.index = index
+        self.solver = solver
+        self.method = method
+        self.step = step
+        self.framing = framing
+        self.on_failure = on_failure
+        self.report = report
+        self.original = original
+        self.last_info: StepInfo | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        h, rest_args, rest_kwargs = split_hidden(self.layer, args, kwargs)
+        base = self.original if self.original is not None else stock_forward(self.layer)
+        trimmer = _RecordTrimmer()
+        randomness = _RandomState(h.device) if self.layer.training else None
+
+        def evaluate(*a: Any, **kw: Any) -> Any:
+            trimmer.mark()
+            if randomness is not None:
+                randomness.restore()
+            return base(*a, **kw)
+
+        field = LayerField(self.layer, self.framing, rest_args, rest_kwargs, forward=evaluate)
+        if self.method.adaptive:
+            scale = self.step
+            h_next, info = self.method.step(lambda t, y: scale * field(t, y), float(self.index), h, 1.0)
+        else:
+            h_next, info = self.method.step(field, float(self.index), h, self.step)
+        trimmer.trim()
+        self.last_info = _detached(info)
+        self._check_convergence(info)
+        if field.last_extras is not None:
+            return (h_next, *field.last_extras)
+        return h_next
+
+    def _check_convergence(self, info: StepInfo) -> None:
+        root = info.root
+        if not self.report or root is None or self.on_failure == "ignore" or root.all_converged:
+            return
+        message = (
+            f"ODE connection of layer {self.index} ({self.solver}) did not converge: max relative residual "
+            f"{root.max_rel_residual:.3g} ({root.summary()})"
+        )
+        if self.on_failure == "raise":
+            raise ConvergenceError(message)
+        warnings.warn(message, ConvergenceWarning, stacklevel=3)
+
+    def __repr__(self) -> str:
+        return (
+            f"ODEConnection(layer={self.index}, method={self.method!r}, step={self.step}, "
+            f"field={self.framing!r})"
+        )
+
+
+def _detached(info: StepInfo) -> StepInfo:
+    """A copy of ``info`` whose tensors do not keep the autograd graph alive."""
+    if info.root is None:
+        return info
+    root = info.root
+    fields = {f.name: getattr(root, f.name) for f in dataclasses.fields(root)}
+    fields = {k: v.detach() if isinstance(v, Tensor) else v for k, v in fields.items()}
+    return dataclasses.replace(info, root=type(root)(**fields))
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------
+
+
+def _connections(model: nn.Module) -> list[ODEConnection]:
+    """The ODE connections currently installed on ``model``'s encoder layers, in layer order."""
+    forwards = [layer.__dict__.get("forward") for layer in find_layers(model)]
+    return [c for c in forwards if isinstance(c, ODEConnection)]
+
+
+def _build_method(
+    solver: str, implicit_options: dict[str, Any], solver_options: dict[str, Any]
+) -> tuple[Method, str, bool]:
+    """Instantiate the step method; returns it, the ``on_failure`` policy, and whether we report failures."""
+    cls = METHODS.lookup(solver)
+    given = {k: v for k, v in implicit_options.items() if v is not None}
+    accepted = option_names(cls)
+    misplaced = [k for k in given if k not in accepted]
+    if misplaced:
+        implicit = [name for name, klass in METHODS.items() if klass.implicit]
+        raise ValueError(
+            f"option(s) {', '.join(misplaced)} apply to implicit solvers only "
+            f"({', '.join(implicit) or 'none registered'}); solver {solver!r} does not take them"
+        )
+    options = {**solver_options, **given}
+    report = "on_failure" in accepted
+    if not report:  # let the registry reject on_failure (and any other unknown option) by name
+        return solvers.get(solver, **options), "ignore", False
+    on_failure = options.pop("on_failure", "warn")
+    if on_failure not in ON_FAILURE_CHOICES:
+        raise ValueError(f"on_failure must be one of {', '.join(ON_FAILURE_CHOICES)}, got {on_failure!r}")
+    options["on_failure"] = "ignore"  # the connection reports failures itself, naming the layer
+    return solvers.get(solver, **options), on_failure, report
+
+
+def convert(
+    model: nn.Module,
+    solver: str = "implicit_euler",
+    layers: str | Sequence[int] = "all",
+    step: float = 1.0,
+    field: str = "residual",
+    root: str | None = None,
+    grad: str | None = None,
+    tol: float | None = None,
+    max_iter: int | None = None,
+    **solver_options: Any,
+) -> nn.Module:
+    """Make the selected encoder layers ODE-solver steps, in place; returns ``model``.
+
+    ``solver`` is a name from ``solvers.available()``; ``field`` is ``"residual"`` (``f = Layer(h) - h``;
+    ``euler`` with ``step=1`` is the stock model) or ``"layer"`` (``f = Layer(h)``, the IM-BERT drawing).
+    ``root``, ``grad``, ``tol``, ``max_iter`` go to implicit solvers only; other ``solver_options``
+    (e.g. ``rtol``/``atol`` for adaptive solvers, ``on_failure``) go to the solver. Converting a converted
+    model reconfigures it from scratch.
+    """
+    check_framing(field)
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step) or step <= 0:
+        raise ValueError(f"step must be a positive finite number, got {step!r}")
+    layer_list = find_layers(model)
+    indices = parse_layers(layers, len(layer_list))
+    implicit_options = {"root": root, "grad": grad, "tol": tol, "max_iter": max_iter}
+    method, on_failure, report = _build_method(solver, implicit_options, dict(solver_options))
+    try:
+        json.dumps(solver_options)
+    except TypeError as err:
+        raise TypeError(f"solver options must be JSON-serialisable (saved with the model): {err}") from None
+
+    unconvert(model)
+    for index in indices:
+        layer = layer_list[index]
+        original = layer.__dict__.get("forward")
+        layer.forward = ODEConnection(
+            layer, index, solver, method, float(step), field, on_failure, report, original
+        )
+    config = getattr(model, "config", None)
+    if config is not None:
+        setattr(config, CONFIG_KEY, {
+            "solver": solver,
+            "layers": indices,
+            "step": float(step),
+            "field": field,
+            "root": root,
+            "grad": grad,
+            "tol": tol,
+            "max_iter": max_iter,
+            "solver_options": dict(solver_options),
+        })
+    return model
+
+
+def unconvert(model: nn.Module) -> nn.Module:
+    """Restore the stock ``forward`` of every converted layer and drop the stored configuration."""
+    for layer in find_layers(model):
+        connection = layer.__dict__.get("forward")
+        if isinstance(connection, ODEConnection):
+            if connection.original is not None:
+                layer.forward = connection.original
+            else:
+                del layer.forward
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, CONFIG_KEY):
+        delattr(config, CONFIG_KEY)
+    return model
+
+
+def im_bert(
+    model: nn.Module,
+    layers: str | Sequence[int] = IM_BERT_LAYERS,
+    step: float = IM_BERT_STEP,
+    field: str = IM_BERT_FIELD,
+    root: str | None = None,
+    grad: str | None = None,
+    tol: float | None = None,
+    max_iter: int | None = None,
+    **kw: Any,
+) -> nn.Module:
+    """IM-BERT: implicit Euler IM-connections (``h_next = h + step * Layer(h_next)`` by default)."""
+    return convert(model, "implicit_euler", layers, step, field, root, grad, tol, max_iter, **kw)
+
+
+def ex_bert(
+    model: nn.Module,
+    layers: str | Sequence[int] = EX_BERT_LAYERS,
+    step: float = EX_BERT_STEP,
+    field: str = EX_BERT_FIELD,
+) -> nn.Module:
+    """EX-BERT, the explicit control: ``h + step * Layer(h)`` on the selected layers."""
+    return convert(model, "euler", layers, step, field)
+
+
+def ode_config(model: nn.Module) -> dict[str, Any] | None:
+    """The stored conversion settings (``model.config.ode_bert``), or ``None`` for a stock model."""
+    config = getattr(model, "config", None)
+    value = getattr(config, CONFIG_KEY, None) if config is not None else None
+    return dict(value) if value else None
+
+
+def reapply(model: nn.Module) -> nn.Module:
+    """Re-apply the conversion stored in ``model.config.ode_bert`` (e.g. after loading a checkpoint)."""
+    stored = ode_config(model)
+    if stored is None:
+        return model
+    stored_options = dict(stored.pop("solver_options", None) or {})
+    return convert(model, **stored, **stored_options)
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """Solver statistics of one converted layer in the last forward (iterations/residual: max over batch)."""
+
+    layer: int
+    solver: str
+    nfev: int
+    iterations: int
+    residual: float | None
+    converged: bool
+
+
+def solver_stats(model: nn.Module) -> list[LayerStats]:
+    """Per converted layer, what its last forward cost and how well its implicit equation was solved."""
+    stats = []
+    for connection in _connections(model):
+        info = connection.last_info
+        if info is None:
+            continue
+        root = info.root
+        stats.append(
+            LayerStats(
+                layer=connection.index,
+                solver=connection.solver,
+                nfev=info.nfev,
+                iterations=int(root.iterations.max()) if root is not None else 0,
+                residual=root.max_rel_residual if root is not None else None,
+                converged=root.all_converged if root is not None else True,
+            )
+        )
+    return stats

@@ -1,0 +1,497 @@
+"""ode_bert.convert on tiny random encoders: stock equivalence, framings, errors, gradients, save/load."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import time
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from transformers import (
+    AutoModel,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    DistilBertConfig,
+    ElectraConfig,
+    RobertaConfig,
+    T5Config,
+    T5Model,
+)
+
+import ode_bert
+import solvers
+from ode_bert import LayerField, convert, find_layers, parse_layers, solver_stats, unconvert
+
+VOCAB = 99
+TINY = {"vocab_size": VOCAB, "num_attention_heads": 4, "intermediate_size": 37}
+CONFIGS = {
+    "bert": lambda: BertConfig(hidden_size=32, num_hidden_layers=3, **TINY),
+    "roberta": lambda: RobertaConfig(hidden_size=32, num_hidden_layers=3, **TINY),
+    "electra": lambda: ElectraConfig(hidden_size=32, embedding_size=16, num_hidden_layers=3, **TINY),
+    "distilbert": lambda: DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=3, n_heads=4, hidden_dim=37),
+}
+
+
+def needs(*names: str) -> pytest.MarkDecorator:
+    missing = [n for n in names if n not in solvers.available()]
+    return pytest.mark.skipif(bool(missing), reason=f"solver(s) {missing} not registered yet")
+
+
+def tiny(kind: str = "bert", head: bool = True, attn: str = "sdpa", **config_kw) -> nn.Module:
+    """A small random model in eval mode (seeded, so two calls give identical weights)."""
+    torch.manual_seed(0)
+    config = CONFIGS[kind]()
+    for key, value in config_kw.items():
+        setattr(config, key, value)
+    if head:
+        config.num_labels = 3
+    auto = AutoModelForSequenceClassification if head else AutoModel
+    return auto.from_config(config, attn_implementation=attn).eval()
+
+
+def batch() -> dict[str, torch.Tensor]:
+    """Two sequences, the second padded (attention mask with zeros)."""
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, VOCAB, (2, 7), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def inputs_mask(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The additive (batch, 1, 1, tokens) attention mask a stock encoder layer takes."""
+    keep = inputs["attention_mask"][:, None, None, :].float()
+    return (1.0 - keep) * torch.finfo(torch.float32).min
+
+
+def close(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-5) -> bool:
+    return a.shape == b.shape and bool(torch.allclose(a, b, atol=atol, rtol=0))
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_residual_euler_step1_is_the_stock_model(kind: str) -> None:
+    inputs = batch()
+    model = tiny(kind)
+    with torch.no_grad():
+        ref = model(**inputs, output_hidden_states=True)
+        convert(model, "euler", field="residual", step=1.0)
+        out = model(**inputs, output_hidden_states=True)
+    assert len(out.hidden_states) == len(ref.hidden_states) == 4
+    for got, want in zip(out.hidden_states, ref.hidden_states):
+        assert close(got, want)
+    assert close(out.logits, ref.logits)
+    assert [s.nfev for s in solver_stats(model)] == [1, 1, 1]
+
+    base = tiny(kind, head=False)
+    with torch.no_grad():
+        ref_base = base(**inputs).last_hidden_state
+        out_base = convert(base, "euler", field="residual")(**inputs).last_hidden_state
+    assert close(out_base, ref_base)
+
+
+def explicit_reference_hooks(model: nn.Module, step: float) -> list:
+    """EX-connection ``h + step * Layer(h)`` added to a stock model with forward hooks (independent path)."""
+
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        out = output[0] if isinstance(output, tuple) else output
+        return args[0] + step * out
+
+    return [layer.register_forward_hook(hook) for layer in find_layers(model)]
+
+
+def test_layer_framing_is_the_ex_connection_and_layers_select() -> None:
+    inputs = batch()
+    reference = tiny()
+    handles = explicit_reference_hooks(reference, 0.5)
+    with torch.no_grad():
+        want = reference(**inputs).logits
+    for handle in handles:
+        handle.remove()
+    model = ode_bert.ex_bert(tiny(), step=0.5)
+    with torch.no_grad():
+        assert close(model(**inputs).logits, want)
+        # Only layer 1 converted: stock up to layer 1, then the EX-connection.
+        stock = tiny()(**inputs, output_hidden_states=True).hidden_states
+        partial = convert(tiny(), "euler", layers=[1], field="layer", step=0.5)
+        hidden = partial(**inputs, output_hidden_states=True).hidden_states
+        layer_out = find_layers(tiny())[1](stock[1], inputs_mask(inputs))
+    assert close(hidden[1], stock[1]) and close(hidden[2], stock[1] + 0.5 * layer_out)
+    assert not close(hidden[2], stock[2], 1e-2)
+    assert [s.layer for s in solver_stats(model)] == [0, 1, 2]
+
+
+def test_parse_layers() -> None:
+    assert parse_layers("all", 6) == [0, 1, 2, 3, 4, 5]
+    assert parse_layers("0-5", 6) == [0, 1, 2, 3, 4, 5]
+    assert parse_layers("0,2,4", 6) == [0, 2, 4]
+    assert parse_layers("0-2,5", 6) == [0, 1, 2, 5]
+    assert parse_layers([3, 1], 6) == [1, 3]
+    for bad in ("-1", [-1], "6", [6], "0,0", [2, 2], "", [], "3-1", "a", "0-", [1.0], [True]):
+        with pytest.raises(ValueError, match=r"valid layer indices are 0\.\.5"):
+            parse_layers(bad, 6)
+
+
+def test_bad_input_gives_clear_errors() -> None:
+    model = tiny()
+    with pytest.raises(ValueError, match="residual, layer"):
+        convert(model, "euler", field="loop")
+    with pytest.raises(ValueError, match="Valid names: .*euler"):
+        convert(model, "eulr")
+    with pytest.raises(ValueError, match="implicit solvers only"):
+        convert(model, "euler", root="picard")
+    with pytest.raises(ValueError, match="Unknown option"):
+        convert(model, "euler", nonsense=1)
+    with pytest.raises(ValueError, match="Unknown option 'on_failure'"):
+        convert(model, "euler", on_failure="raise")
+    if "implicit_euler" in solvers.available():
+        with pytest.raises(ValueError, match="on_failure must be one of warn, raise, ignore"):
+            convert(model, "implicit_euler", on_failure="loud")
+    with pytest.raises(ValueError, match="valid layer indices are 0..2"):
+        convert(model, "euler", layers="0-3")
+    with pytest.raises(ValueError, match="step"):
+        convert(model, "euler", step=0.0)
+    with pytest.raises(TypeError, match="ode_bert supports .*DistilBERT"):
+        convert(nn.Sequential(nn.Linear(3, 3), nn.ReLU()), "euler")
+    t5 = T5Model(T5Config(vocab_size=VOCAB, d_model=16, d_kv=4, d_ff=20, num_layers=2, num_heads=4))
+    with pytest.raises(TypeError, match="encoder-decoder"):
+        convert(t5, "euler")
+    assert ode_bert.ode_config(model) is None  # failed conversions leave the model stock
+
+
+def test_state_dict_unchanged_reconvert_and_unconvert() -> None:
+    inputs = batch()
+    model = tiny()
+    before = model.state_dict()
+    with torch.no_grad():
+        stock = model(**inputs).logits
+    convert(model, "rk4", layers="0,2", field="layer", step=0.5)
+    convert(model, "euler", layers=[1], field="residual")  # reconfigure, no double wrapping
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    layers = find_layers(model)
+    assert "forward" not in vars(layers[0]) and "forward" not in vars(layers[2])
+    assert vars(layers[1])["forward"].original is None
+    assert ode_bert.ode_config(model)["layers"] == [1]
+    with torch.no_grad():
+        assert close(model(**inputs).logits, stock)
+        convert(model, "rk4", field="layer")
+        assert not close(model(**inputs).logits, stock, 1e-3)
+        unconvert(model)
+        assert torch.equal(model(**inputs).logits, stock)
+    assert ode_bert.ode_config(model) is None and solver_stats(model) == []
+    fresh = convert(tiny(), "rk4", field="layer")
+    with torch.no_grad():
+        want = fresh(**inputs).logits
+    for clone in (copy.deepcopy(fresh), pickle.loads(pickle.dumps(fresh))):
+        assert vars(find_layers(clone)[0])["forward"].layer is find_layers(clone)[0]
+        with torch.no_grad():
+            assert torch.equal(clone(**inputs).logits, want)
+
+
+@needs("implicit_euler")
+def test_attentions_one_per_layer_from_last_evaluation() -> None:
+    inputs = batch()
+    model = tiny(attn="eager")
+    convert(model, "implicit_euler", field="layer", step=0.5, root="picard", tol=1e-6, max_iter=100)
+    with torch.no_grad():
+        out = model(**inputs, output_attentions=True, output_hidden_states=True)
+    assert all(s.nfev > 2 for s in solver_stats(model))
+    assert len(out.attentions) == 3 and len(out.hidden_states) == 4
+    # Picard's last evaluation is at the solution h[l+1]: the attention kept is the stock layer's there.
+    fields = LayerField.capture(tiny(attn="eager"), **inputs)
+    for index, (field, _) in enumerate(fields):
+        with torch.no_grad():
+            _, weights = field.layer.attention(out.hidden_states[index + 1], field.args[0])
+        assert close(out.attentions[index], weights, 1e-6)
+
+
+def test_layer_field_capture_and_jacobian() -> None:
+    inputs = batch()
+    model = tiny(attn="eager")  # double backward (jvp) is not implemented for CPU sdpa
+    with torch.no_grad():
+        hidden = model(**inputs, output_hidden_states=True).hidden_states
+    fields = LayerField.capture(model, framing="residual", **inputs)
+    for index, (field, h) in enumerate(fields):
+        assert torch.equal(h, hidden[index])
+        assert close(h + field(float(index), h), hidden[index + 1])
+    field, h = fields[1]
+    h = h.double()
+    field.layer.double()
+    v = torch.randn_like(h)
+    eps = 1e-6
+    finite_difference = (field(0.0, h + eps * v) - field(0.0, h - eps * v)) / (2 * eps)
+    assert torch.allclose(field.jvp(h, v), finite_difference, atol=1e-6)
+    jac = field.jacobian(h)
+    assert jac.shape == h.shape + h.shape
+    assert torch.allclose(torch.einsum("abcxyz,xyz->abc", jac, v), finite_difference, atol=1e-6)
+    assert not torch.allclose(jac[0, 0, 0], torch.zeros_like(h))
+
+
+@needs("implicit_euler")
+def test_implicit_euler_tiny_equation_stats_and_warnings() -> None:
+    inputs = batch()
+    model = tiny()
+    convert(model, "implicit_euler", field="layer", step=0.5, root="picard", tol=1e-6, max_iter=200)
+    with torch.no_grad():
+        hidden = model(**inputs, output_hidden_states=True).hidden_states
+    layers = find_layers(tiny())
+    stats = solver_stats(model)
+    assert [s.layer for s in stats] == [0, 1, 2]
+    for index, stat in enumerate(stats):
+        with torch.no_grad():
+            # the equation recomputed with the stock layer: h1 = h0 + 0.5 * Layer(h1)
+            g = hidden[index] + 0.5 * layers[index](hidden[index + 1], inputs_mask(inputs))
+        residual = (hidden[index + 1] - g).flatten(1).norm(dim=1) / g.flatten(1).norm(dim=1)
+        assert stat.converged and stat.iterations >= 1 and stat.nfev >= stat.iterations
+        assert float(residual.max()) <= 1e-5
+        assert stat.residual is not None and stat.residual <= 1e-6
+
+    convert(model, "implicit_euler", field="layer", root="picard", tol=1e-9, max_iter=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            model(**inputs)
+    messages = [str(w.message) for w in caught if issubclass(w.category, solvers.ConvergenceWarning)]
+    assert len(messages) == 3 and all(f"layer {i}" in m for i, m in enumerate(messages))
+    assert not any(s.converged for s in solver_stats(model))
+    convert(model, "implicit_euler", field="layer", root="picard", tol=1e-9, max_iter=1, on_failure="raise")
+    with pytest.raises(solvers.ConvergenceError, match="layer 0"), torch.no_grad():
+        model(**inputs)
+
+
+def grad_cases() -> list:
+    cases = [pytest.param("euler", {}, id="euler")]
+    if "implicit_euler" in solvers.available():
+        from solvers.gradients import available_grad_modes
+
+        cases += [
+            pytest.param("implicit_euler", {"grad": m, "root": "picard", "tol": 1e-5}, id=f"implicit-{m}")
+            for m in available_grad_modes()
+        ]
+    return cases
+
+
+@pytest.mark.parametrize(("solver", "options"), grad_cases())
+def test_gradients_reach_every_parameter(solver: str, options: dict) -> None:
+    inputs = batch()
+    labels = torch.tensor([0, 2])
+    stock = tiny()
+    stock(**inputs, labels=labels).loss.backward()
+    expected = {name for name, p in stock.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    model = convert(tiny(), solver, field="layer", step=0.5, **options)
+    model(**inputs, labels=labels).loss.backward()
+    got = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert len(expected) > 10 and expected <= got
+
+
+def finetune_cases() -> list:
+    cases = [pytest.param("euler", {}, id="euler")]
+    if "implicit_euler" in solvers.available():
+        cases.append(pytest.param("implicit_euler", {"root": "picard", "tol": 1e-4}, id="implicit_euler"))
+    if "dopri5" in solvers.available():
+        cases.append(pytest.param("dopri5", {"rtol": 1e-3, "atol": 1e-4}, id="dopri5"))
+    return cases
+
+
+@pytest.mark.parametrize(("solver", "options"), finetune_cases())
+def test_short_finetuning_lowers_the_loss(solver: str, options: dict) -> None:
+    inputs = batch()
+    labels = torch.tensor([0, 2])
+    model = convert(tiny(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), solver, field="layer",
+                    step=0.5, **options)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(6):
+        optimizer.zero_grad()
+        loss = model(**inputs, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+@needs("dopri5")
+def test_adaptive_integrates_the_scaled_field_over_each_layer() -> None:
+    import torchdiffeq
+
+    inputs = batch()
+    model = convert(tiny(), "dopri5", layers=[1], field="layer", step=0.5, rtol=1e-7, atol=1e-8)
+    with torch.no_grad():
+        hidden = model(**inputs, output_hidden_states=True).hidden_states
+        field, h = LayerField.capture(tiny(), framing="layer", **inputs)[1]
+        want = torchdiffeq.odeint(lambda t, y: 0.5 * field(t, y), h, torch.tensor([1.0, 2.0]), rtol=1e-7,
+                                  atol=1e-8)[-1]
+    assert torch.equal(hidden[1], h)
+    assert close(hidden[2], want, 1e-4)
+    assert solver_stats(model)[0].nfev > 6
+
+
+def test_save_and_load_round_trip(tmp_path) -> None:
+    inputs = batch()
+    solver, options = ("implicit_euler", {"root": "picard", "tol": 1e-6}) if "implicit_euler" in \
+        solvers.available() else ("rk4", {})
+    model = convert(tiny(), solver, layers="0,2", field="layer", step=0.5, **options)
+    with torch.no_grad():
+        want = model(**inputs).logits
+    model.save_pretrained(tmp_path)
+    loaded = ode_bert.from_pretrained(str(tmp_path), AutoModelForSequenceClassification).eval()
+    assert ode_bert.ode_config(loaded) == ode_bert.ode_config(model)
+    assert [s.layer for s in solver_stats(loaded)] == []  # no forward yet
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, want)
+    assert [s.layer for s in solver_stats(loaded)] == [0, 2]
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path)  # stock HF still loads it
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in plain.state_dict().items())
+
+
+def autocast_cases() -> list:
+    if "implicit_euler" not in solvers.available():
+        return [pytest.param("rk4", {}, id="rk4")]
+    return [pytest.param("implicit_euler", {"root": r}, id=r) for r in solvers.available_root_finders()]
+
+
+@pytest.mark.parametrize(("solver", "options"), autocast_cases())
+def test_autocast_bfloat16_forward_and_backward(solver: str, options: dict) -> None:
+    inputs = batch()
+    model = convert(tiny(), solver, field="layer", step=0.5, **options)
+    with warnings.catch_warnings(), torch.autocast("cpu", dtype=torch.bfloat16):
+        warnings.simplefilter("ignore", solvers.ConvergenceWarning)
+        loss = model(**inputs, labels=torch.tensor([0, 2])).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_torch_compile_smoke() -> None:
+    if not hasattr(torch, "compile"):
+        pytest.skip("torch.compile unavailable")
+    inputs = batch()
+    solver, options = ("implicit_euler", {"root": "anderson"}) if "implicit_euler" in solvers.available() \
+        else ("rk4", {})
+    model = convert(tiny(), solver, field="layer", step=0.5, **options)
+    with torch.no_grad():
+        want = model(**inputs).logits
+    compiled = torch.compile(model, backend="eager")
+    start = time.perf_counter()
+    try:
+        with torch.no_grad():
+            got = compiled(**inputs).logits
+    except Exception as err:  # noqa: BLE001 - report what broke, then fail
+        pytest.fail(f"torch.compile broke the converted model: {err!r}")
+    if time.perf_counter() - start > 20:
+        pytest.skip("torch.compile too slow here")
+    assert close(got, want)
+
+
+def test_tuple_layer_outputs_keep_their_extras() -> None:
+    """Older transformers layers return ``(hidden, attentions, ...)``: the connection keeps that shape."""
+    model = tiny()
+    layer = find_layers(model)[0]
+    stock = ode_bert.field.stock_forward(layer)
+    layer.forward = lambda h, *args, **kwargs: (stock(h, *args, **kwargs), "extra")
+    convert(model, "rk4", layers=[0], field="residual")
+    h = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        out = layer(h)
+        ref = ode_bert.field.LayerField(layer, "residual")
+        want = solvers.get("rk4").step(ref, 0.0, h, 1.0)[0]
+    assert isinstance(out, tuple) and out[1] == "extra" and close(out[0], want)
+    unconvert(model)
+    assert layer(h)[1] == "extra"  # the previous instance forward is restored
+
+
+@needs("implicit_euler")
+def test_training_mode_shares_dropout_masks_within_a_step() -> None:
+    """With dropout active, every evaluation in one implicit step must see the same masks to converge."""
+    inputs = batch()
+    model = convert(tiny(hidden_dropout_prob=0.2), "implicit_euler", field="layer", step=0.5, root="picard",
+                    tol=1e-6, max_iter=100)
+    model.train()
+    torch.manual_seed(3)
+    first = model(**inputs).logits
+    assert all(s.converged for s in solver_stats(model))
+    torch.manual_seed(3)
+    assert torch.equal(model(**inputs).logits, first)
+    torch.manual_seed(4)
+    assert not torch.equal(model(**inputs).logits, first)  # dropout is still random across forwards
+
+
+@needs("implicit_euler")
+def test_hf_trainer_with_gradient_checkpointing(tmp_path) -> None:
+    from transformers import Trainer, TrainingArguments
+
+    class Tiny(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 8
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            ids = torch.randint(5, VOCAB, (7,), generator=torch.Generator().manual_seed(i))
+            mask = torch.ones(7, dtype=torch.long)
+            return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor(i % 3)}
+
+    model = convert(tiny(), "implicit_euler", field="layer", step=0.5, root="anderson", tol=1e-4)
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    assert all(layer.gradient_checkpointing for layer in find_layers(model))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4,
+                             report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", solvers.ConvergenceWarning)
+        result = Trainer(model=model, args=args, train_dataset=Tiny()).train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model.save_pretrained(tmp_path)
+    loaded = ode_bert.from_pretrained(str(tmp_path), AutoModelForSequenceClassification).eval()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch()).logits, model(**batch()).logits)
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def cuda_cases() -> list:
+    settings = [pytest.param("euler", {}, id="euler")]
+    if "dopri5" in solvers.available():
+        settings.append(pytest.param("dopri5", {"rtol": 1e-4, "atol": 1e-5}, id="dopri5"))
+    if "implicit_euler" in solvers.available():
+        settings += [pytest.param("implicit_euler", {"root": r, "on_failure": "ignore"}, id=f"implicit-{r}")
+                     for r in solvers.available_root_finders()]
+    return settings
+
+
+@CUDA
+@pytest.mark.parametrize(("solver", "options"), cuda_cases())
+@pytest.mark.parametrize("autocast", [None, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_cuda_forward_backward(autocast: torch.dtype | None, solver: str, options: dict) -> None:
+    inputs = {k: v.cuda() for k, v in batch().items()}
+    labels = torch.tensor([0, 2], device="cuda")
+    model = tiny().cuda()
+    with torch.no_grad():
+        stock = model(**inputs).logits
+        assert close(convert(model, "euler", field="residual")(**inputs).logits, stock)
+    convert(model, solver, field="layer", step=0.5, **options)
+    with torch.autocast("cuda", dtype=autocast or torch.float32, enabled=autocast is not None):
+        loss = model(**inputs, labels=labels).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert len(grads) > 10 and all(torch.isfinite(g).all() for g in grads)
+    if autocast is None and solver == "implicit_euler":
+        assert all(s.converged for s in solver_stats(model)), solver_stats(model)
+
+
+@CUDA
+def test_cuda_torch_compile_inductor() -> None:
+    inputs = {k: v.cuda() for k, v in batch().items()}
+    model = convert(tiny().cuda(), "rk4", field="layer", step=0.5)
+    with torch.no_grad():
+        want = model(**inputs).logits
+        got = torch.compile(model)(**inputs).logits
+    assert close(got, want, 1e-4)
