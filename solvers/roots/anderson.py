@@ -54,7 +54,8 @@ class Anderson(RootFinder):
     def _coefficients(self, d_f: Tensor, f: Tensor) -> Tensor:
         """Per-sample regularised least squares ``(dF^T dF + lam s I) gamma = dF^T f``.
 
-        Solved in at least float32 with autocast off (no half-precision LU exists), returned in ``d_f``'s dtype.
+        Solved in at least float32 with autocast off (there is no half-precision LU); returned in
+        ``d_f``'s dtype.
         """
         out_dtype = d_f.dtype
         work = torch.promote_types(out_dtype, torch.float32)
