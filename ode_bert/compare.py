@@ -1,0 +1,194 @@
+"""Paired comparison of variants (BERT, EX-BERT, IM-BERT, ...) over seeds on identical data.
+
+Every (variant, seed) run trains on the same examples and starts from the same classifier initialisation
+as the other variants with that seed, so differences to the baseline are paired by seed. Runs whose
+``metrics.json`` exists are skipped and interrupted runs are resumed, so ``compare`` can be re-run after an
+interruption. Writes ``comparison.json``, ``comparison.md`` and ``comparison.png`` into ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from scipy import stats
+
+from .evaluate import METRICS_FILE, evaluate
+from .train import CONFIG_FILE, TrainConfig, train, write_json_atomic
+
+METRICS = {"clean": "clean dev", "advglue": "AdvGLUE"}
+# Settings that a variant does not take: compare gives each variant only the solver settings that apply to it.
+_NOT_TAKEN = {
+    "bert": {"solver", "layers", "step", "field", "root", "grad", "tol", "max_iter", "solver_options"},
+    "ex": {"solver", "root", "grad", "tol", "max_iter", "solver_options"},
+}
+
+
+def paired_difference(values: Sequence[float], baseline: Sequence[float]) -> dict[str, float | None]:
+    """Mean of the per-seed differences ``values - baseline`` with a 95% t confidence interval.
+
+    With a single seed there is no interval (``None``).
+    """
+    diffs = [v - b for v, b in zip(values, baseline, strict=True)]
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return {"mean": mean, "ci_low": None, "ci_high": None, "n": len(diffs)}
+    half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half, "n": len(diffs)}
+
+
+def summarize(
+    scores: dict[str, dict[int, dict[str, float]]], baseline: str
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per variant and metric: mean, sample std and the paired difference to ``baseline`` (in points)."""
+    summary: dict[str, dict[str, dict[str, Any]]] = {}
+    for variant, by_seed in scores.items():
+        seeds = sorted(by_seed)
+        summary[variant] = {}
+        for metric in METRICS:
+            values = [100 * by_seed[s][metric] for s in seeds]
+            entry: dict[str, Any] = {
+                "values": values,
+                "mean": statistics.fmean(values),
+                "std": statistics.stdev(values) if len(values) > 1 else None,
+            }
+            if variant != baseline:
+                entry["diff"] = paired_difference(values, [100 * scores[baseline][s][metric] for s in seeds])
+            summary[variant][metric] = entry
+    return summary
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def format_markdown(summary: dict[str, dict[str, dict[str, Any]]], baseline: str, header: str) -> str:
+    """The comparison as a markdown table: mean ± std per metric and the paired difference with its 95% CI."""
+    columns = ["variant"]
+    for label in METRICS.values():
+        columns += [f"{label} (mean ± std)", f"{label} Δ vs {baseline} [95% CI]"]
+    lines = [header, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for variant, metrics in summary.items():
+        cells = [variant]
+        for metric in METRICS:
+            entry = metrics[metric]
+            cells.append(f"{entry['mean']:.2f} ± {_fmt(entry['std'])}")
+            diff = entry.get("diff")
+            if diff is None:
+                cells.append("baseline")
+            else:
+                cells.append(f"{diff['mean']:+.2f} [{_fmt(diff['ci_low'])}, {_fmt(diff['ci_high'])}]")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(
+    summary: dict[str, dict[str, dict[str, Any]]], path: Path, title: str, reference: dict[str, float]
+) -> None:
+    """Bar chart of mean score per variant and metric with std error bars, written atomically.
+
+    ``reference`` (per metric) is drawn as a dashed line: the constant-prediction level.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = list(summary)
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(variants), 3.6))
+    width = 0.8 / len(METRICS)
+    for k, (metric, label) in enumerate(METRICS.items()):
+        xs = [i + (k - (len(METRICS) - 1) / 2) * width for i in range(len(variants))]
+        means = [summary[v][metric]["mean"] for v in variants]
+        errors = [summary[v][metric]["std"] or 0.0 for v in variants]
+        bars = ax.bar(xs, means, width, yerr=errors, capsize=4, label=label)
+        ax.axhline(reference[metric], color=bars.patches[0].get_facecolor(), linestyle="--", linewidth=1)
+    ax.set_xticks(range(len(variants)), variants)
+    ax.set_ylabel("score (%); dashed: constant prediction")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def compare(
+    variants: Sequence[str] = ("bert", "ex", "im"),
+    seeds: Sequence[int] = (1, 2, 3, 4, 5),
+    task: str = "sst2",
+    output_dir: str | Path = "runs/compare",
+    baseline: str = "bert",
+    dev_samples: int | None = None,
+    data_dir: str | Path | None = None,
+    **train_options: Any,
+) -> dict[str, Any]:
+    """Train and evaluate every variant with every seed, then summarize the paired comparison.
+
+    ``train_options`` are further ``TrainConfig`` fields (model, epochs, lr, train_samples, ...), the same
+    for every run. Returns what ``comparison.json`` holds.
+    """
+    if baseline not in variants:
+        raise ValueError(f"baseline {baseline!r} must be one of the compared variants {list(variants)}")
+    if len(set(seeds)) != len(seeds) or not seeds:
+        raise ValueError(f"seeds must be distinct and non-empty, got {list(seeds)}")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    scores: dict[str, dict[int, dict[str, float]]] = {}
+    for variant in variants:
+        scores[variant] = {}
+        for seed in seeds:
+            run_dir = output_dir / f"{variant}-seed{seed}"
+            metrics_path = run_dir / METRICS_FILE
+            if not metrics_path.is_file():
+                run_options = {k: v for k, v in train_options.items() if k not in _NOT_TAKEN.get(variant, ())}
+                config = TrainConfig(
+                    task=task,
+                    variant=variant,
+                    seed=seed,
+                    output_dir=str(run_dir),
+                    data_dir=None if data_dir is None else str(data_dir),
+                    resume=(run_dir / CONFIG_FILE).is_file(),
+                    **run_options,
+                )
+                evaluate(train(config), dev_samples=dev_samples)
+            metrics = json.loads(metrics_path.read_text())
+            scores[variant][seed] = {metric: metrics[metric]["overall"] for metric in METRICS}
+
+    summary = summarize(scores, baseline)
+    first_run = json.loads((output_dir / f"{baseline}-seed{seeds[0]}" / METRICS_FILE).read_text())
+    constant = {metric: 100 * first_run[metric]["constant_baseline"]["overall"] for metric in METRICS}
+    options = {"task": task, "dev_samples": dev_samples, **train_options}
+    result = {
+        "baseline": baseline,
+        "seeds": list(seeds),
+        "options": options,
+        "summary": summary,
+        "constant_baseline": constant,
+    }
+    header = (
+        f"## {task}: {', '.join(variants)} over seeds {', '.join(map(str, seeds))} (scores in %)\n\n"
+        f"Settings: {json.dumps(options, default=str)}. Δ is the mean paired (same seed) difference to "
+        f"{baseline}, with a 95% t confidence interval.\n\nReference: always predicting the majority "
+        f"training class scores {constant['clean']:.2f} on clean dev and {constant['advglue']:.2f} on "
+        "AdvGLUE; a variant near these has learned nothing, whatever its AdvGLUE difference."
+    )
+    if len(seeds) < 5:
+        header += f"\n\n**Only {len(seeds)} seed(s): too few for conclusions; use at least 5.**"
+    write_json_atomic(output_dir / "comparison.json", result)
+    markdown = format_markdown(summary, baseline, header)
+    fd, tmp = tempfile.mkstemp(dir=output_dir, prefix=".comparison.md.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(markdown)
+    os.replace(tmp, output_dir / "comparison.md")
+    plot(summary, output_dir / "comparison.png", f"{task}: mean ± std over {len(seeds)} seed(s)", constant)
+    result["markdown"] = markdown
+    return result

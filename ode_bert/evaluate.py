@@ -1,0 +1,203 @@
+"""Clean-dev and AdvGLUE accuracy of a trained run, with the official AdvGLUE scoring.
+
+Official scoring (``advglue/SOURCE.md``, the benchmark's ``evaluate.py``): accuracy per task; QQP also
+reports F1 and scores as the mean of accuracy and F1; MNLI scores as the mean of ``mnli`` and ``mnli-mm``;
+the overall score is the mean over the tasks. The same scoring is applied to the clean dev sets.
+Scores are fractions in [0, 1].
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from .convert import LayerStats, solver_stats
+from .data import Example, load_advglue, load_clean_dev, stratified_subset
+from .pretrained import from_pretrained
+from .train import (
+    CONFIG_FILE,
+    MODEL_DIR,
+    Collator,
+    EncodedDataset,
+    TrainConfig,
+    split_training_data,
+    write_json_atomic,
+)
+
+METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "predictions.json"
+DEV_SUBSET_SEED = 0  # the clean-dev subset is the same for every run, so runs stay comparable
+
+
+def split_metrics(split: str, labels: Sequence[int], predictions: Sequence[int]) -> dict[str, float]:
+    """Accuracy of one split (and binary F1 of the 'duplicate' class for QQP)."""
+    if len(labels) != len(predictions) or not labels:
+        raise ValueError(
+            f"{split}: need equally many labels and predictions, got {len(labels)}/{len(predictions)}"
+        )
+    correct = sum(int(y == p) for y, p in zip(labels, predictions))
+    result: dict[str, float] = {"n": len(labels), "accuracy": correct / len(labels)}
+    if split == "qqp":
+        tp = sum(int(y == 1 and p == 1) for y, p in zip(labels, predictions))
+        fp = sum(int(y == 0 and p == 1) for y, p in zip(labels, predictions))
+        fn = sum(int(y == 1 and p == 0) for y, p in zip(labels, predictions))
+        result["f1"] = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+    return result
+
+
+def official_scores(splits: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Task scores and their mean from per-split metrics, by the AdvGLUE rules (see the module docstring)."""
+    per_split = {
+        split: (m["accuracy"] + m["f1"]) / 2 if split == "qqp" else m["accuracy"]
+        for split, m in splits.items()
+    }
+    grouped: dict[str, list[float]] = {}
+    for split, score in per_split.items():
+        grouped.setdefault("mnli" if split == "mnli-mm" else split, []).append(score)
+    tasks = {task: sum(scores) / len(scores) for task, scores in grouped.items()}
+    return {"tasks": tasks, "overall": sum(tasks.values()) / len(tasks)}
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    max_length: int,
+    batch_size: int = 64,
+    solver_log: list[LayerStats] | None = None,
+) -> list[int]:
+    """Argmax predictions for ``examples``, batched, without gradients (bf16 autocast on CUDA).
+
+    For a converted model, each batch's per-layer ``solver_stats`` are appended to ``solver_log``.
+    """
+    device = next(model.parameters()).device
+    loader = DataLoader(
+        EncodedDataset(examples, tokenizer, max_length), batch_size=batch_size, collate_fn=Collator(tokenizer)
+    )
+    model.eval()
+    predictions: list[int] = []
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(**batch).logits
+        predictions.extend(logits.argmax(-1).tolist())
+        if solver_log is not None:
+            solver_log.extend(solver_stats(model))
+    return predictions
+
+
+def summarize_solver(log: Sequence[LayerStats]) -> dict[str, Any] | None:
+    """How hard the implicit solves were over an evaluation (``None`` for a model without ODE layers)."""
+    if not log:
+        return None
+    residuals = [s.residual for s in log if s.residual is not None]
+    return {
+        "layer_solves": len(log),
+        "mean_iterations": sum(s.iterations for s in log) / len(log),
+        "max_iterations": max(s.iterations for s in log),
+        "max_rel_residual": max(residuals) if residuals else None,
+        "converged_fraction": sum(s.converged for s in log) / len(log),
+    }
+
+
+def constant_baseline(sets: dict[str, list[Example]], label: int) -> dict[str, Any]:
+    """Official score of always predicting ``label`` (the majority training class): the level a model that
+    learned nothing reaches, so a variant near it is degenerate however its AdvGLUE score compares."""
+    splits = {
+        split: split_metrics(split, [ex.label for ex in exs], [label] * len(exs))
+        for split, exs in sets.items()
+    }
+    return {"label": label, "overall": official_scores(splits)["overall"]}
+
+
+def _score(
+    model: torch.nn.Module, tokenizer: Any, sets: dict[str, list[Example]], max_length: int, batch_size: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(metrics, predictions) of every split in ``sets``."""
+    predictions, splits, log = {}, {}, []
+    for split, examples in sets.items():
+        labels = [ex.label for ex in examples]
+        predicted = predict(model, tokenizer, examples, max_length, batch_size, log)
+        predictions[split] = {"labels": labels, "predictions": predicted}
+        splits[split] = split_metrics(split, labels, predicted)
+    return {"splits": splits, **official_scores(splits), "solver": summarize_solver(log)}, predictions
+
+
+def evaluate(
+    run_dir: str | Path,
+    data_dir: str | Path | None = None,
+    dev_samples: int | None = None,
+    batch_size: int = 64,
+) -> dict[str, Any]:
+    """Clean dev and AdvGLUE scores of the model in ``run_dir``; writes metrics.json and predictions.json.
+
+    A run trained with ``holdout`` is also scored on its held-out training examples (``"heldout"``), the set
+    to choose hyperparameters on.
+
+    ``dev_samples`` evaluates a fixed stratified subset of each clean dev split (for quick checks);
+    AdvGLUE is always scored in full. ``data_dir`` defaults to the one the run was trained with.
+    """
+    run_dir = Path(run_dir)
+    config_path = run_dir / CONFIG_FILE
+    if not (run_dir / MODEL_DIR / "config.json").is_file() or not config_path.is_file():
+        raise FileNotFoundError(
+            f"{run_dir} is not a finished training run (expected {CONFIG_FILE} and {MODEL_DIR}/)"
+        )
+    config = json.loads(config_path.read_text())
+    data_dir = data_dir if data_dir is not None else config.get("data_dir")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = from_pretrained(run_dir / MODEL_DIR, AutoModelForSequenceClassification).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / MODEL_DIR)
+
+    clean = load_clean_dev(config["task"], data_dir)
+    if dev_samples is not None:
+        clean = {
+            s: stratified_subset(exs, min(dev_samples, len(exs)), DEV_SUBSET_SEED) for s, exs in clean.items()
+        }
+    adv = load_advglue(config["task"], data_dir)
+    clean_metrics, clean_predictions = _score(model, tokenizer, clean, config["max_length"], batch_size)
+    adv_metrics, adv_predictions = _score(model, tokenizer, adv, config["max_length"], batch_size)
+
+    trained_on, heldout = split_training_data(TrainConfig(**{**config, "data_dir": data_dir}))
+    majority = Counter(ex.label for ex in trained_on).most_common(1)[0][0]
+    for metrics_of_set, sets in ((clean_metrics, clean), (adv_metrics, adv)):
+        metrics_of_set["constant_baseline"] = constant_baseline(sets, majority)
+    if heldout:
+        heldout_metrics, heldout_predictions = _score(
+            model, tokenizer, {config["task"]: heldout}, config["max_length"], batch_size
+        )
+    metrics = {
+        "task": config["task"],
+        "variant": config["variant"],
+        "seed": config["seed"],
+        "dev_samples": dev_samples,
+        "clean": clean_metrics,
+        "advglue": adv_metrics,
+    }
+    predictions = {"clean": clean_predictions, "advglue": adv_predictions}
+    if heldout:
+        metrics["heldout"], predictions["heldout"] = heldout_metrics, heldout_predictions
+    write_json_atomic(run_dir / PREDICTIONS_FILE, predictions)
+    write_json_atomic(run_dir / METRICS_FILE, metrics)
+    return metrics
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """A plain-text table of one run's metrics, in percent."""
+    lines = [f"{'set':<8} {'split':<8} {'n':>5} {'acc %':>7} {'F1 %':>7}"]
+    for name in ("heldout", "clean", "advglue"):
+        if name not in metrics:
+            continue
+        for split, m in metrics[name]["splits"].items():
+            f1 = f"{100 * m['f1']:7.2f}" if "f1" in m else f"{'':>7}"
+            lines.append(f"{name:<8} {split:<8} {m['n']:>5} {100 * m['accuracy']:7.2f} {f1}")
+        lines.append(f"{name:<8} {'score':<8} {'':>5} {100 * metrics[name]['overall']:7.2f}")
+    return "\n".join(lines)

@@ -1,0 +1,279 @@
+"""Training, evaluation, resuming, comparison and CLI end to end: a tiny random BERT on the real data."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import string
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from scipy import stats
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    BertTokenizerFast,
+)
+
+import ode_bert
+from ode_bert import cli, data
+from ode_bert import train as train_module
+from ode_bert.compare import paired_difference
+from ode_bert.data import load_advglue
+from ode_bert.evaluate import evaluate, official_scores, predict, split_metrics
+from ode_bert.train import TrainConfig, train
+
+DATA_DIR = Path(os.environ.get(data.DATA_DIR_ENV) or Path(__file__).resolve().parents[1] / "../shared/data")
+pytestmark = [
+    pytest.mark.skipif(not DATA_DIR.is_dir(), reason="shared data directory not present"),
+    # the tiny random model's implicit solves are capped on purpose (FAST_IM); their warnings are expected
+    pytest.mark.filterwarnings("ignore::solvers.ConvergenceWarning"),
+]
+FAST_IM = {"tol": 1e-2, "max_iter": 8}  # loose solve: the tiny random model only has to run, not converge
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A 2-layer, 32-wide random BertModel with a character-level WordPiece tokenizer, saved to disk."""
+    root = tmp_path_factory.mktemp("tiny")
+    chars = string.ascii_lowercase + string.digits
+    vocab = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        *chars,
+        *string.punctuation,
+        *(f"##{c}" for c in chars),
+    ]
+    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(root / "vocab.txt"))
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64, initializer_range=0.2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    return str(root / "model")
+
+
+def _config(tiny_model: str, out: Path, **overrides: object) -> TrainConfig:
+    settings: dict[str, object] = {
+        "task": "sst2", "model": tiny_model, "variant": "im", "epochs": 1, "batch_size": 8,
+        "train_samples": 16, "max_length": 32, "lr": 1e-3, "data_dir": str(DATA_DIR),
+        "output_dir": str(out), **FAST_IM,
+    }  # fmt: skip
+    settings.update(overrides)
+    return TrainConfig(**settings)  # type: ignore[arg-type]
+
+
+def test_split_metrics_and_official_scoring_by_hand() -> None:
+    # QQP: labels/predictions -> TP=2, FP=1, FN=1, TN=1: acc 3/5, F1 = 4/6.
+    qqp = split_metrics("qqp", [1, 1, 1, 0, 0], [1, 1, 0, 1, 0])
+    assert qqp == {"n": 5, "accuracy": 0.6, "f1": pytest.approx(2 / 3)}
+    splits = {
+        "qqp": qqp,
+        "mnli": {"n": 4, "accuracy": 0.5},
+        "mnli-mm": {"n": 2, "accuracy": 1.0},
+        "sst2": {"n": 3, "accuracy": 1 / 3},
+    }
+    scores = official_scores(splits)
+    expected = {"qqp": (0.6 + 2 / 3) / 2, "mnli": 0.75, "sst2": 1 / 3}
+    assert scores["tasks"] == pytest.approx(expected)
+    assert scores["overall"] == pytest.approx(sum(expected.values()) / 3)
+
+
+def test_train_and_evaluate_end_to_end(tiny_model: str, tmp_path: Path) -> None:
+    run_dir = train(_config(tiny_model, tmp_path / "run", task="qqp"))  # 16 examples, batch 8: 2 steps
+    assert json.loads((run_dir / "train_config.json").read_text())["task"] == "qqp"
+    assert len(json.loads((run_dir / "train_history.json").read_text())) == 1
+    assert not (run_dir / "checkpoint.pt").exists()
+
+    metrics = evaluate(run_dir, dev_samples=40)
+    assert json.loads((run_dir / "metrics.json").read_text()) == metrics
+    predictions = json.loads((run_dir / "predictions.json").read_text())
+    for name, expected_n in (("clean", 40), ("advglue", 78)):
+        saved = predictions[name]["qqp"]
+        labels, predicted = saved["labels"], saved["predictions"]
+        assert len(labels) == len(predicted) == expected_n
+        tp = sum(y == p == 1 for y, p in zip(labels, predicted))
+        fp = sum(y == 0 and p == 1 for y, p in zip(labels, predicted))
+        fn = sum(y == 1 and p == 0 for y, p in zip(labels, predicted))
+        accuracy = sum(y == p for y, p in zip(labels, predicted)) / expected_n
+        f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+        assert metrics[name]["splits"]["qqp"]["accuracy"] == pytest.approx(accuracy)
+        assert metrics[name]["overall"] == pytest.approx((accuracy + f1) / 2)
+    # A model that always predicted the majority training class (0 of 16 stratified QQP examples) would score,
+    # from the AdvGLUE qqp counts in SOURCE.md (0: 46, 1: 32): accuracy 46/78, F1 0.
+    assert metrics["advglue"]["constant_baseline"] == {"label": 0, "overall": pytest.approx(46 / 78 / 2)}
+    solver = metrics["advglue"]["solver"]  # 78 AdvGLUE items = 2 batches of <= 64, each solving 2 IM layers
+    assert solver["layer_solves"] == 4 and 0 <= solver["mean_iterations"] <= solver["max_iterations"] <= 8
+    assert (solver["converged_fraction"] == 1.0) == (solver["max_rel_residual"] <= FAST_IM["tol"])
+    # The AdvGLUE labels scored are those of the real file.
+    advglue = json.loads((DATA_DIR / "advglue" / "dev.json").read_text())["qqp"]
+    assert predictions["advglue"]["qqp"]["labels"] == [item["label"] for item in advglue]
+
+    # The saved model reloads as the same IM-model and reproduces the saved predictions.
+    model = ode_bert.from_pretrained(run_dir / "model", AutoModelForSequenceClassification)
+    assert ode_bert.ode_config(model)["solver"] == "implicit_euler"
+
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
+    again = predict(model, tokenizer, load_advglue("qqp", DATA_DIR)["qqp"], max_length=32)
+    assert again == predictions["advglue"]["qqp"]["predictions"]
+
+
+class Interrupted(Exception):
+    """Stands in for a crash or Ctrl-C right after the first checkpoint is written."""
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(
+    tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    straight = train(_config(tiny_model, tmp_path / "straight", epochs=2))
+
+    real_save = train_module.save_checkpoint
+
+    def save_then_crash(path: Path, state: dict) -> None:
+        real_save(path, state)
+        raise Interrupted
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)
+    with pytest.raises(Interrupted):
+        train(_config(tiny_model, tmp_path / "resumed", epochs=2))
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    checkpoint = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
+    assert checkpoint["epoch"] == 0 and not (tmp_path / "resumed" / "model").exists()
+
+    with pytest.raises(FileExistsError, match="resume"):
+        train(_config(tiny_model, tmp_path / "resumed", epochs=2))
+    with pytest.raises(ValueError, match=r"settings differ .*\['lr'\]"):
+        train(_config(tiny_model, tmp_path / "resumed", epochs=2, lr=1e-4, resume=True))
+    resumed = train(_config(tiny_model, tmp_path / "resumed", epochs=2, resume=True))
+
+    weights_a = load_file(straight / "model" / "model.safetensors")
+    weights_b = load_file(resumed / "model" / "model.safetensors")
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    history = json.loads((resumed / "train_history.json").read_text())
+    assert history == json.loads((straight / "train_history.json").read_text()) and len(history) == 2
+    metrics_a = evaluate(straight, dev_samples=40)
+    metrics_b = evaluate(resumed, dev_samples=40)
+    assert {k: metrics_a[k] for k in ("clean", "advglue")} == {k: metrics_b[k] for k in ("clean", "advglue")}
+
+
+def test_holdout_is_excluded_from_training_and_scored(tiny_model: str, tmp_path: Path) -> None:
+    config = _config(
+        tiny_model, tmp_path / "run", variant="bert", train_samples=20, holdout=0.2, tol=None, max_iter=None
+    )
+    trained_on, held_out = train_module.split_training_data(config)
+    assert len(trained_on) == 16 and len(held_out) == 4 and not set(trained_on) & set(held_out)
+    metrics = evaluate(train(config), dev_samples=20)
+    assert metrics["heldout"]["splits"]["sst2"]["n"] == 4
+    saved = json.loads((tmp_path / "run" / "predictions.json").read_text())["heldout"]["sst2"]
+    assert saved["labels"] == [ex.label for ex in held_out]
+    assert metrics["clean"]["solver"] is None  # the stock model has no implicit solves
+
+
+def test_explicit_euler_residual_variant_trains_like_the_stock_model(tiny_model: str, tmp_path: Path) -> None:
+    """Euler, residual field, step 1 is the stock computation: same seed and data give the same weights."""
+    stock = train(_config(tiny_model, tmp_path / "bert", variant="bert", tol=None, max_iter=None))
+    euler = train(
+        _config(
+            tiny_model,
+            tmp_path / "ode",
+            variant="ode",
+            solver="euler",
+            field="residual",
+            tol=None,
+            max_iter=None,
+        )
+    )
+    weights_stock = load_file(stock / "model" / "model.safetensors")
+    weights_euler = load_file(euler / "model" / "model.safetensors")
+    # Attention key biases get a zero gradient up to rounding (softmax ignores a per-query shift), which Adam
+    # rescales to full-size steps: they differ by rounding noise amplified, so they are left out.
+    compared = [k for k in weights_stock if not k.endswith("attention.self.key.bias")]
+    assert len(compared) == len(weights_stock) - 2  # two layers
+    assert all(torch.allclose(weights_stock[k], weights_euler[k], atol=1e-5) for k in compared)
+    losses = [json.loads((run / "train_history.json").read_text())[0]["mean_loss"] for run in (stock, euler)]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    assert json.loads((euler / "model" / "config.json").read_text())["ode_bert"]["solver"] == "euler"
+
+
+def test_config_errors_name_the_choices() -> None:
+    with pytest.raises(ValueError, match="unknown variant 'xx'; valid variants: bert, ex, im, ode"):
+        TrainConfig(variant="xx").validate()
+    with pytest.raises(ValueError, match="unknown task 'cola'"):
+        TrainConfig(task="cola").validate()
+    with pytest.raises(ValueError, match="takes no solver options"):
+        TrainConfig(variant="bert", solver="rk4").validate()
+
+
+def test_paired_difference_matches_t_interval() -> None:
+    values, baseline = [80.0, 82.0, 85.0], [79.0, 80.0, 81.0]
+    diffs = [1.0, 2.0, 4.0]
+    result = paired_difference(values, baseline)
+    half = stats.t.ppf(0.975, 2) * statistics.stdev(diffs) / math.sqrt(3)
+    assert result["mean"] == pytest.approx(7 / 3)
+    assert (result["ci_low"], result["ci_high"]) == pytest.approx((7 / 3 - half, 7 / 3 + half))
+
+
+def test_compare_two_variants_two_seeds(
+    tiny_model: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "cmp"
+    argv = [
+        "compare", "--variants", "bert", "im", "--seeds", "1", "2", "--task", "sst2",
+        "--output-dir", str(out),
+        "--model", tiny_model, "--epochs", "1", "--batch-size", "8", "--train-samples", "16", "--max-length",
+        "32", "--lr", "1e-5", "--dev-samples", "30", "--data-dir", str(DATA_DIR), "--tol", "1e-2",
+        "--max-iter", "8",
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert "Only 2 seed(s)" in capsys.readouterr().out
+    for name in ("comparison.md", "comparison.json", "comparison.png"):
+        assert (out / name).stat().st_size > 0
+    assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = json.loads((out / "comparison.json").read_text())
+    summary = result["summary"]
+    for metric in ("clean", "advglue"):
+        per_seed = {
+            v: [
+                100 * json.loads((out / f"{v}-seed{s}" / "metrics.json").read_text())[metric]["overall"]
+                for s in (1, 2)
+            ]
+            for v in ("bert", "im")
+        }
+        assert summary["bert"][metric]["values"] == pytest.approx(per_seed["bert"])
+        assert summary["bert"][metric]["mean"] == pytest.approx(statistics.fmean(per_seed["bert"]))
+        expected_diff = statistics.fmean(i - b for i, b in zip(per_seed["im"], per_seed["bert"]))
+        if metric == "advglue":  # a near-untrained model: scores differ by seed, so the pairing is tested
+            assert len(set(per_seed["bert"] + per_seed["im"])) > 1
+        assert summary["im"][metric]["diff"]["mean"] == pytest.approx(expected_diff)
+    assert result["constant_baseline"]["advglue"] == pytest.approx(100 * 76 / 148)  # always "positive"
+    markdown = (out / "comparison.md").read_text()
+    assert "| im |" in markdown and "| bert |" in markdown
+
+    # Resumable: with every metrics.json present, a re-run trains nothing (the model dirs are not touched).
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/model/model.safetensors")}
+    assert cli.main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/model/model.safetensors")} == stamps
+
+
+def test_cli_rejects_unknown_choices(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--variant", "xx"])
+    assert "invalid choice: 'xx' (choose from 'bert', 'ex', 'im', 'ode')" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["compare", "--solver", "nope"])
+    assert "implicit_euler" in capsys.readouterr().err
+    assert cli.main(["eval", "/nonexistent/run"]) == 2
+    assert "not a finished training run" in capsys.readouterr().err
