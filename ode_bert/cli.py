@@ -1,4 +1,4 @@
-"""The ``ode-bert`` command line: ``train``, ``eval``, ``compare`` and ``demo`` subcommands.
+"""The ``ode-bert`` command line: ``train``, ``eval``, ``compare``, ``analyze`` and ``demo`` subcommands.
 
 A subcommand is one function registered with ``@command(name, help)``: it receives its own
 ``argparse`` parser, adds its arguments and returns the function that runs it.
@@ -140,11 +140,36 @@ def _eval_command(parser: argparse.ArgumentParser) -> Handler:
     return run
 
 
+class _CommaList(argparse.Action):
+    """Accept ``--opt a,b,c`` as well as ``--opt a b c``; items are converted and checked one by one."""
+
+    def __init__(self, *args: object, item_type: Callable[[str], object] = str,
+                 valid: Sequence[str] | None = None, **kwargs: object) -> None:
+        self.item_type, self.valid = item_type, valid
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        items = [item for value in values for item in str(value).split(",") if item]  # type: ignore[union-attr]
+        if self.valid is not None:
+            unknown = [item for item in items if item not in self.valid]
+            if unknown:
+                parser.error(f"{option_string}: unknown {', '.join(unknown)}; valid: {', '.join(self.valid)}")
+        try:
+            setattr(namespace, self.dest, [self.item_type(item) for item in items])
+        except ValueError:
+            parser.error(f"{option_string}: expected a list of {self.item_type.__name__}, got {values}")
+
+
 def _add_compare_arguments(parser: argparse.ArgumentParser, variants: list[str], seeds: list[int]) -> None:
     parser.add_argument(
-        "--variants", nargs="+", default=variants, choices=VARIANTS, help=f"variants (default {variants})"
-    )
-    parser.add_argument("--seeds", nargs="+", type=int, default=seeds, help=f"seeds (default {seeds})")
+        "--variants", nargs="+", action=_CommaList, valid=VARIANTS, default=variants,
+        help=f"variants, e.g. bert,ex,im (default {','.join(variants)})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--seeds", nargs="+", action=_CommaList, item_type=int, default=seeds,
+        help=f"seeds, e.g. 1,2,3,4,5 (default {','.join(map(str, seeds))})",
+    )  # fmt: skip
     parser.add_argument(
         "--baseline", default="bert", choices=VARIANTS, help="variant the others are paired with"
     )
@@ -179,6 +204,16 @@ def _compare_command(parser: argparse.ArgumentParser) -> Handler:
 
 
 # Small enough for a CPU: IM-BERT's implicit solve is capped at 10 iterations per layer (an inexact solve).
+@command("analyze", help="stability regions, perturbation growth and layer spectra of an encoder per solver")
+def _analyze_command(parser: argparse.ArgumentParser) -> Handler:
+    # stability_analysis builds on ode_bert; the command line is the one place that composes the two,
+    # so it is imported here rather than at module level.
+    from stability_analysis.cli import add_analyze_arguments, run_analyze
+
+    add_analyze_arguments(parser)
+    return run_analyze
+
+
 DEMO_OPTIONS = {
     "train_samples": 256,
     "epochs": 2,
