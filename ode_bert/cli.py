@@ -70,7 +70,9 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     s = parser.add_argument_group("ODE solver (variants ex, im, ode; unset = the variant's default)")
     s.add_argument("--solver", choices=solvers.available(), help="step method for variant 'ode'")
     s.add_argument("--layers", help="layers to convert: 'all', '0-5', '0,2,4' (default all)")
-    s.add_argument("--step", type=float, help="step size h of every converted layer (default: the variant's, 0.25 for ex and im)")
+    s.add_argument(
+        "--step", type=float, help="step size h of every converted layer (default 0.25 for ex and im)"
+    )
     s.add_argument("--field", choices=["residual", "layer"], help="vector field: Layer(h) - h or Layer(h)")
     s.add_argument("--root", choices=solvers.available_root_finders(), help="root finder of implicit solvers")
     s.add_argument("--grad", help="gradient mode of implicit solvers (e.g. implicit, unroll)")
