@@ -19,11 +19,11 @@ $(BIN)/.installed: pyproject.toml Makefile
 venv: $(BIN)/.installed
 
 demo: venv
-	ODE_BERT_DATA_DIR=$(DATA_DIR) $(BIN)/ode-bert demo
+	ODE_BERT_DATA_DIR=$(abspath $(DATA_DIR)) $(BIN)/ode-bert demo
 
 test: venv
 	$(BIN)/ruff check .
-	ODE_BERT_DATA_DIR=$(DATA_DIR) $(BIN)/python -m pytest -q
+	ODE_BERT_DATA_DIR=$(abspath $(DATA_DIR)) $(BIN)/python -m pytest -q
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -22,6 +22,8 @@ def test_notebook_executes_and_shows_a_figure(name: str, monkeypatch: pytest.Mon
     # packages even where an older editable install does not map them.
     repo_root = str(NOTEBOOK_DIR.parent)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [repo_root, os.environ.get("PYTHONPATH")])))
+    if os.environ.get("ODE_BERT_DATA_DIR"):  # a relative data dir means relative to here, not to notebooks/
+        monkeypatch.setenv("ODE_BERT_DATA_DIR", os.path.abspath(os.environ["ODE_BERT_DATA_DIR"]))
     notebook = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
     client = nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
                                      resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
