@@ -1,0 +1,155 @@
+"""Smoke tests of the benchmark scripts: each runs in ``--quick`` mode on a tiny BERT; its JSON is checked.
+
+The scripts run in this process (``main(argv)``, as ``python bench/NAME.py ARGS`` would) to save start-up.
+
+The invariants are the ones the tables rely on: residuals agree when computed twice (by the finder and by
+the harness), budgets are respected, the best residual within a budget cannot grow with the budget,
+errors are recomputable from the stored states, and unrolled gradients keep more activations than
+implicit ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+
+import _common  # noqa: E402
+import implicit_step  # noqa: E402
+import report  # noqa: E402
+import stiff  # noqa: E402
+import training_overhead  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads() -> Iterator[None]:
+    """The scripts set torch's CPU thread count; restore it for the rest of the test session."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 32-wide random BERT with the real MiniLM tokenizer, saved like a checkpoint."""
+    transformers = pytest.importorskip("transformers")
+    from ode_bert.pretrained import resolve_model_path
+
+    path = tmp_path_factory.mktemp("tiny_bert")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(resolve_model_path(None))
+    config = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def run_quick(main: Callable[[Sequence[str]], None], name: str, out: Path, *extra: str) -> dict[str, Any]:
+    """Run ``bench/NAME.py --quick --out OUT EXTRA...`` and return its JSON."""
+    main(["--quick", "--out", str(out), *extra])
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == name
+    assert data["command"] == f"python bench/{name}.py --quick --out {out} {' '.join(extra)}".strip()
+    assert data["machine"]["cpu"] and data["machine"]["cpu_cores"] >= 1
+    assert report.RENDERERS[name](data).count("|") > 10  # BENCHMARKS.md tables render from it
+    return data
+
+
+def test_flop_count_counts_forward_and_vjp() -> None:
+    layer = torch.nn.Linear(8, 4)
+    x = torch.randn(3, 8, requires_grad=True)
+    with _common.FlopCount() as counter:
+        y = layer(x)
+    assert counter.total == 2 * 3 * 8 * 4
+    with _common.FlopCount() as counter:
+        torch.autograd.grad(layer(x).sum(), x)
+    assert counter.total == 2 * (2 * 3 * 8 * 4)  # forward + input VJP (weights' grads not asked)
+    assert y.shape == (3, 4)
+
+
+def test_best_within_takes_best_point_inside_budget() -> None:
+    trace = [(2.0, torch.tensor([0.5, 0.4])), (3.0, torch.tensor([0.1, 0.6])),
+             (5.0, torch.tensor([0.01, 0.01]))]
+    assert math.isnan(implicit_step.best_within(trace, 1.0))  # nothing evaluated within the budget
+    assert implicit_step.best_within(trace, 3.0) == pytest.approx(0.4)  # per sample best, worst sample
+    assert implicit_step.best_within(trace, 10.0) == pytest.approx(0.01)
+
+
+def test_relative_residual_per_sample() -> None:
+    z = torch.zeros(2, 3, 4)
+    gz = torch.ones(2, 3, 4)
+    gz[1] *= 2
+    assert torch.allclose(implicit_step.relative_residual(z, gz), torch.ones(2, dtype=torch.float64))
+
+
+def test_stiff_counter_counts_jvp_twice() -> None:
+    f = stiff.Counter(stiff.robertson_torch)
+    y = torch.tensor([1.0, 1e-5, 0.0], dtype=torch.float64)
+    f(0.0, y)
+    torch.func.jvp(lambda v: f(0.0, v), (y,), (torch.ones_like(y),))
+    assert f.evals == 3
+
+
+def test_implicit_step_quick(tiny_model: Path, tmp_path: Path) -> None:
+    data = run_quick(implicit_step.main, "implicit_step", tmp_path / "out.json", "--model", str(tiny_model))
+    config = data["config"]
+    tol, cap, budgets = config["tol"], config["cap"], config["budgets"]
+    finders = {r["finder"] for r in data["runs"]}
+    assert finders == set(implicit_step.FINDERS)
+    for run in data["runs"]:
+        assert run["calls"] >= 2 and run["seconds"] > 0 and run["eval_seconds"] > 0
+        assert run["cost"] <= cap + 2  # a VJP after the last allowed evaluation may overshoot by one
+        assert run["converged"] == (run["evals_to_tol"] != math.inf)
+        if run["converged"]:
+            # the finder's residual and the harness's recomputation from the returned z agree
+            assert run["residual"] <= tol * 1.05
+            assert run["residual"] == pytest.approx(run["reported_residual"], rel=0.05, abs=1e-6)
+        best = [run[f"res@{b:g}"] for b in budgets]
+        finite = [b for b in best if b == b]
+        assert finite == sorted(finite, reverse=True)  # best residual within a budget never grows with it
+    assert {e["finder"] for e in data["over_layers"]} == finders
+    implicit_step.main(["--resummarise", "--out", str(tmp_path / "out.json")])  # same summaries again
+    again = json.loads((tmp_path / "out.json").read_text())
+    assert again["summary"] == data["summary"] and again["runs"] == data["runs"]
+
+
+def test_training_overhead_quick(tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.json"
+    data = run_quick(training_overhead.main, "training_overhead", out, "--model", str(tiny_model))
+    rows = {r["config"]: r for r in data["rows"]}
+    assert rows["stock"]["step_ratio"] == 1.0 and rows["stock"]["peak_ratio"] == 1.0
+    for row in rows.values():
+        for key in ("step_ratio", "infer_ratio", "peak_ratio", "saved_ratio", "fwd_bwd_ratio"):
+            assert 0 < row[key] < math.inf, (row["config"], key)
+        assert row["peak_mb"] >= row["fwd_bwd_mb"] > 0
+    sweep = {(e["grad"], e["iterations"]): e for e in data["memory_vs_iterations"]}
+    for (grad, iterations), entry in sweep.items():
+        if grad == "unroll" and ("implicit", iterations) in sweep:
+            assert entry["saved_mb"] > sweep[("implicit", iterations)]["saved_mb"]
+
+
+def test_stiff_quick(tmp_path: Path) -> None:
+    data = run_quick(stiff.main, "stiff", tmp_path / "out.json")
+    for result in data["problems"].values():
+        reference = np.array(result["reference"])
+        methods = {r["method"] for r in result["runs"]}
+        assert methods == {"implicit_euler", "scipy BDF", "scipy Radau", "torchdiffeq dopri5"}
+        for run in result["runs"]:
+            assert run["evals"] > 0
+            if not run["capped"]:
+                assert run["error"] == pytest.approx(stiff.relative_error(np.array(run["y"]), reference))
+        for row in result["cheapest"]:
+            hits = [r["evals"] for r in result["runs"]
+                    if r["method"] == "implicit_euler" and not r["capped"] and r["error"] <= row["target"]]
+            assert row["implicit_euler"] == (min(hits) if hits else None)
