@@ -205,6 +205,28 @@ class Method(abc.ABC):
         return f"{type(self).__name__}({opts})"
 
 
+class CountedField:
+    """A vector field that checks each result is shaped like the state and counts its calls.
+
+    Counting calls (rather than trusting a root finder's own ``nfev``) also covers the evaluations made
+    inside Jacobian products.
+    """
+
+    def __init__(self, f: VectorField, y: Tensor) -> None:
+        self.f = f
+        self.shape = y.shape
+        self.calls = 0
+
+    def __call__(self, t: Tensor, z: Tensor) -> Tensor:
+        self.calls += 1
+        out = self.f(t, z)
+        if not isinstance(out, Tensor) or out.shape != self.shape:
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            expected = tuple(self.shape)
+            raise ValueError(f"the vector field returned {shape}, expected a tensor shaped like the state {expected}")
+        return out
+
+
 def check_state(y: Tensor, what: str = "state") -> None:
     """Reject non-tensors, non-floating dtypes and non-finite values with a clear message."""
     if not isinstance(y, Tensor):

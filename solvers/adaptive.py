@@ -17,8 +17,16 @@ from torch import Tensor
 from torchdiffeq._impl import adaptive_heun, bosh3, dopri5, dopri8
 from torchdiffeq._impl.rk_common import _ButcherTableau
 
-from ._base import ButcherTableau, Method, StepInfo, VectorField, as_time, check_state, check_step
-from .implicit import checked_field
+from ._base import (
+    ButcherTableau,
+    CountedField,
+    Method,
+    StepInfo,
+    VectorField,
+    as_time,
+    check_state,
+    check_step,
+)
 from .registry import register
 
 
@@ -81,14 +89,7 @@ class TorchdiffeqAdaptive(Method):
     ) -> tuple[Tensor, StepInfo]:
         check_step(dt)
         check_state(y)
-        field = checked_field(f, y)
-        calls = 0
-
-        def counted(s: Tensor, z: Tensor) -> Tensor:
-            nonlocal calls
-            calls += 1
-            return field(s, z)
-
+        counted = CountedField(f, y)
         t0 = as_time(t, y)
         times = torch.stack([t0, as_time(t0 + dt, y)])
         options: dict[str, Any] = {"max_num_steps": self.max_num_steps}
@@ -97,7 +98,7 @@ class TorchdiffeqAdaptive(Method):
         ys = torchdiffeq.odeint(
             counted, y, times, rtol=self.rtol, atol=self.atol, method=self.torchdiffeq_name, options=options
         )
-        return ys[1], StepInfo(nfev=calls)
+        return ys[1], StepInfo(nfev=counted.calls)
 
 
 @register("dopri5")

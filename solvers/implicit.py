@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ._base import (
     ButcherTableau,
+    CountedField,
     FixedPointMap,
     Method,
     StepInfo,
@@ -34,21 +35,6 @@ INITIAL_GUESSES = ("explicit", "previous")
 
 # (g, initial guess, map from the fixed point z to y_next)
 FixedPointProblem = tuple[FixedPointMap, Tensor, Callable[[Tensor], Tensor]]
-
-
-def checked_field(f: VectorField, y: Tensor) -> VectorField:
-    """Wrap ``f`` so that a result not shaped like the state raises a clear ``ValueError``."""
-
-    def wrapped(t: Tensor, z: Tensor) -> Tensor:
-        out = f(t, z)
-        if not isinstance(out, Tensor) or out.shape != y.shape:
-            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(
-                f"the vector field returned {shape}, expected a tensor shaped like the state {tuple(y.shape)}"
-            )
-        return out
-
-    return wrapped
 
 
 class ImplicitRK(Method):
@@ -106,21 +92,13 @@ class ImplicitRK(Method):
     ) -> tuple[Tensor, StepInfo]:
         check_step(dt)
         check_state(y)
-        field = checked_field(f, y)
-        calls = 0
-
-        def counted(s: Tensor, z: Tensor) -> Tensor:
-            # counting calls (not RootInfo.nfev) also covers evaluations inside Jacobian products
-            nonlocal calls
-            calls += 1
-            return field(s, z)
-
+        counted = CountedField(f, y)
         g, z0, finish = self._fixed_point(counted, as_time(t, y), y, dt)
         z, root_info = solve_fixed_point(
             g, z0, self._finder, self.grad, adjoint_on_failure=self.adjoint_on_failure
         )
         extra = {"jacobian_products": float(root_info.nvjp)} if root_info.nvjp else {}
-        return finish(z), StepInfo(nfev=calls, root=root_info, extra=extra)
+        return finish(z), StepInfo(nfev=counted.calls, root=root_info, extra=extra)
 
     def _predictor(self, f: VectorField, t: Tensor, y: Tensor, dt: Tensor | float) -> Tensor:
         """Explicit Euler guess ``y + dt f(t, y)``; without a graph unless gradients unroll through it."""

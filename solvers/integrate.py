@@ -14,8 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import StepInfo, VectorField, as_time, check_state
-from .implicit import checked_field
+from ._base import CountedField, StepInfo, VectorField, as_time, check_state
 from .registry import get
 
 
@@ -84,7 +83,7 @@ def odeint(
             raise ValueError(f"step_size must be a positive finite number or None, got {step_size!r}")
     if not (isinstance(divergence_threshold, (int, float)) and divergence_threshold > 0):
         raise ValueError(f"divergence_threshold must be a positive number, got {divergence_threshold!r}")
-    field = checked_field(f, y0)
+    field = CountedField(f, y0)
     times = as_time(t, y0)
     stats = OdeintStats()
     y = y0
