@@ -223,7 +223,9 @@ class CountedField:
         if not isinstance(out, Tensor) or out.shape != self.shape:
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             expected = tuple(self.shape)
-            raise ValueError(f"the vector field returned {shape}, expected the state's shape {expected}")
+            raise ValueError(
+                f"the vector field returned {shape}, expected a tensor shaped like the state {expected}"
+            )
         return out
 
 
