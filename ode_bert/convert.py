@@ -26,7 +26,7 @@ from solvers import ConvergenceError, ConvergenceWarning, Method, StepInfo
 from solvers._registry import option_names
 from solvers.registry import METHODS
 
-from .field import LayerField, check_framing, split_hidden, stock_forward
+from .field import LayerField, check_framing, real_token_mask, split_hidden, stock_forward
 
 CONFIG_KEY = "ode_bert"
 IMPLICIT_ONLY_OPTIONS: tuple[str, ...] = ("root", "grad", "tol", "max_iter")
@@ -185,7 +185,15 @@ class ODEConnection:
     ``dh/dt = step * f_l(h)`` over ``[l, l+1]``. In training mode all evaluations of one step share the
     dropout masks (see ``_RandomState``). Picklable (holds the layer, the step method and plain
     settings; ``original`` is a previous instance ``forward`` of the layer, if any, to restore on unconvert).
+
+    Padding positions are held fixed in implicit solves (``mask_padding``): positions that no query
+    attends to (read from the layer's attention mask by ``real_token_mask``) pass through unchanged, so
+    their outputs are not the layer's, and the root finder's residual and stopping test cover the real
+    tokens only. Real tokens never attend to padding keys, so their results are those of solving each
+    sentence alone (up to the solver tolerance). Explicit and adaptive methods step every position.
     """
+
+    mask_padding: bool = True  # set False on an instance to solve padding positions too (for comparisons)
 
     def __init__(
         self,
@@ -223,17 +231,35 @@ class ODEConnection:
             return base(*a, **kw)
 
         field = LayerField(self.layer, self.framing, rest_args, rest_kwargs, forward=evaluate)
+        masked = self.mask_padding and self.method.implicit
+        real = real_token_mask(self.layer, h, rest_args, rest_kwargs) if masked else None
         if self.method.adaptive:
             scale = self.step
             h_next, info = self.method.step(lambda t, y: scale * field(t, y), float(self.index), h, 1.0)
-        else:
+        elif real is None or bool(real.all()):
             h_next, info = self.method.step(field, float(self.index), h, self.step)
+        else:
+            h_next, info = self._step_real_tokens(field, h, real)
         trimmer.trim()
         self.last_info = _detached(info)
         self._check_convergence(info)
         if field.last_extras is not None:
             return (h_next, *field.last_extras)
         return h_next
+
+    def _step_real_tokens(self, field: LayerField, h: Tensor, real: Tensor) -> tuple[Tensor, StepInfo]:
+        """Step only the real tokens; padding positions keep ``h``.
+
+        The method integrates ``y = h - held`` (zero at padding) under ``keep * f(y + held)``, with
+        ``held`` the padding part of ``h``: the field vanishes at padding, so ``y`` stays zero there and
+        the solve's residual norms see the real tokens only. Exact for the (linear) Runge-Kutta methods.
+        """
+        keep = real[..., None].to(h.dtype)
+        held = h * (1 - keep)
+        h_next, info = self.method.step(
+            lambda t, y: keep * field(t, y + held), float(self.index), h * keep, self.step
+        )
+        return h_next + held, info
 
     def _check_convergence(self, info: StepInfo) -> None:
         root = info.root

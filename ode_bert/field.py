@@ -60,6 +60,44 @@ def split_hidden(layer: nn.Module, args: Sequence[Any], kwargs: dict[str, Any]) 
     return rest.pop(name), (), rest
 
 
+MASK_ARGUMENT_NAMES: tuple[str, ...] = ("attention_mask", "attn_mask", "mask")
+
+
+def real_token_mask(
+    layer: nn.Module, hidden: Tensor, args: Sequence[Any], kwargs: dict[str, Any]
+) -> Tensor | None:
+    """Bool ``(batch, tokens)``: the positions some query attends to, from the layer's attention mask.
+
+    ``args``/``kwargs`` are the layer call's arguments besides ``hidden`` (see ``split_hidden``). Reads a
+    bool or integer mask (true / non-zero: attended), an additive float mask (0 attended, large negative
+    masked) or a 0/1 float mask, shaped ``(batch, tokens)`` or ``(batch, ..., queries, tokens)``; a key is
+    real if any query attends to it. ``None`` when there is no mask or its format is not recognised
+    (e.g. a flex-attention ``BlockMask``): callers then treat every position as real.
+    """
+    try:
+        bound = inspect.signature(type(layer).forward).bind(layer, hidden, *args, **kwargs).arguments
+    except TypeError:
+        return None
+    found = [bound[name] for name in MASK_ARGUMENT_NAMES if name in bound]
+    mask = found[0] if found else None
+    if not isinstance(mask, Tensor) or hidden.dim() != 3 or mask.dim() < 2:
+        return None
+    if mask.shape[0] not in (1, hidden.shape[0]) or mask.shape[-1] != hidden.shape[1]:
+        return None
+    if mask.dtype == torch.bool:
+        attended = mask
+    elif not mask.is_floating_point():
+        attended = mask != 0
+    elif bool((mask > 0).any()):
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            return None
+        attended = mask == 1
+    else:  # additive; a value above half the dtype's minimum counts as attended (errs towards "real")
+        attended = mask > torch.finfo(mask.dtype).min / 2
+    keys = attended.flatten(1, -2).any(dim=1) if attended.dim() > 2 else attended
+    return keys.expand(hidden.shape[0], -1)
+
+
 class LayerField:
     """The vector field ``f(t, h)`` of one encoder layer, with the layer's extra arguments bound.
 
