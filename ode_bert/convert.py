@@ -344,7 +344,8 @@ def convert(
     ``euler`` with ``step=1`` is the stock model) or ``"layer"`` (``f = Layer(h)``, the IM-BERT drawing).
     ``root``, ``grad``, ``tol``, ``max_iter`` go to implicit solvers only; other ``solver_options``
     (e.g. ``rtol``/``atol`` for adaptive solvers, ``on_failure``) go to the solver. Converting a converted
-    model reconfigures it from scratch.
+    model reconfigures it from scratch. Implicit solvers hold padding positions fixed: their outputs are
+    not the layer's, and only real tokens enter the root finder's residual (see ``ODEConnection``).
     """
     check_framing(field)
     if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step) or step <= 0:
