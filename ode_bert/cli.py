@@ -71,7 +71,7 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--solver", choices=solvers.available(), help="step method for variant 'ode'")
     s.add_argument("--layers", help="layers to convert: 'all', '0-5', '0,2,4' (default all)")
     s.add_argument(
-        "--step", type=float, help="step size h of every converted layer (default 0.25 for ex and im)"
+        "--step", type=float, help="step size h of every converted layer (default 0.5 for ex and im)"
     )
     s.add_argument("--field", choices=["residual", "layer"], help="vector field: Layer(h) - h or Layer(h)")
     s.add_argument("--root", choices=solvers.available_root_finders(), help="root finder of implicit solvers")
@@ -222,7 +222,6 @@ DEMO_OPTIONS = {
     "batch_size": 16,
     "lr": 2e-4,
     "max_length": 48,
-    "max_iter": 10,
 }
 
 
@@ -245,8 +244,8 @@ def _demo_command(parser: argparse.ArgumentParser) -> Handler:
         settings = {**DEMO_OPTIONS, **args.settings}
         print(
             "ode-bert demo: all-MiniLM-L6-v2 fine-tuned on a low-resource SST-2 subset, scored on clean dev "
-            f"(subset of {args.dev_samples}) and AdvGLUE sst2; IM solves capped at "
-            f"{settings.get('max_iter')} iterations.\nA small illustration: conclusions need >= 5 seeds "
+            f"(subset of {args.dev_samples}) and AdvGLUE sst2; IM-BERT with its default settings.\n"
+            "A small illustration: conclusions need >= 5 seeds "
             "and more data (use 'ode-bert compare')."
         )
         _run_compare(args, settings)
