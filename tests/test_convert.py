@@ -110,7 +110,7 @@ def test_layer_framing_is_the_ex_connection_and_layers_select() -> None:
         want = reference(**inputs).logits
     for handle in handles:
         handle.remove()
-    model = ode_bert.ex_bert(tiny(), step=0.5)
+    model = ode_bert.ex_bert(tiny(), step=0.5, field="layer")
     with torch.no_grad():
         assert close(model(**inputs).logits, want)
         # Only layer 1 converted: stock up to layer 1, then the EX-connection.
