@@ -83,27 +83,31 @@ def _unroll(
     return finder.solve(g, z0)
 
 
+def _solve_without_graph(g: FixedPointMap, z0: Tensor, finder: RootFinder) -> tuple[Tensor, RootInfo]:
+    """The forward solve of ``one_step`` and ``implicit``: no autograd graph, a detached root."""
+    with torch.no_grad():
+        z_star, info = finder.solve(g, z0)
+    return z_star.detach(), info
+
+
 @_grad_mode("one_step")
 def _one_step(
     g: FixedPointMap, z0: Tensor, finder: RootFinder, adjoint_on_failure: str
 ) -> tuple[Tensor, RootInfo]:
-    with torch.no_grad():
-        z_star, info = finder.solve(g, z0)
+    z_star, info = _solve_without_graph(g, z0, finder)
     if not torch.is_grad_enabled():
         return z_star, info
     info.nfev += 1
-    return g(z_star.detach()), info
+    return g(z_star), info
 
 
 @_grad_mode("implicit")
 def _implicit(
     g: FixedPointMap, z0: Tensor, finder: RootFinder, adjoint_on_failure: str
 ) -> tuple[Tensor, RootInfo]:
-    with torch.no_grad():
-        z_star, info = finder.solve(g, z0)
+    z_star, info = _solve_without_graph(g, z0, finder)
     if not torch.is_grad_enabled():
         return z_star, info
-    z_star = z_star.detach()
     z = g(z_star)
     info.nfev += 1
     if z.requires_grad:
