@@ -24,7 +24,7 @@ from .train import CONFIG_FILE, TrainConfig, train, write_json_atomic
 
 METRICS = {"clean": "clean dev", "advglue": "AdvGLUE"}
 # Settings that a variant does not take: compare gives each variant only the solver settings that apply to it.
-_NOT_TAKEN = {
+NOT_TAKEN = {
     "bert": {"solver", "layers", "step", "field", "root", "grad", "tol", "max_iter", "solver_options"},
     "ex": {"solver", "root", "grad", "tol", "max_iter", "solver_options"},
 }
@@ -149,7 +149,7 @@ def compare(
             run_dir = output_dir / f"{variant}-seed{seed}"
             metrics_path = run_dir / METRICS_FILE
             if not metrics_path.is_file():
-                run_options = {k: v for k, v in train_options.items() if k not in _NOT_TAKEN.get(variant, ())}
+                run_options = {k: v for k, v in train_options.items() if k not in NOT_TAKEN.get(variant, ())}
                 config = TrainConfig(
                     task=task,
                     variant=variant,

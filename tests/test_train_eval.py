@@ -7,6 +7,7 @@ import math
 import os
 import statistics
 import string
+import sys
 from pathlib import Path
 
 import pytest
@@ -277,3 +278,36 @@ def test_cli_rejects_unknown_choices(capsys: pytest.CaptureFixture) -> None:
     assert "implicit_euler" in capsys.readouterr().err
     assert cli.main(["eval", "/nonexistent/run"]) == 2
     assert "not a finished training run" in capsys.readouterr().err
+
+
+def test_grid_runs_plan_in_parallel_and_pairs_by_seed(
+    tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bench/experiments/grid.py: two workers, every run recorded, Δ = mean of the per-seed differences."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "experiments"))
+    import grid
+
+    monkeypatch.setitem(grid.PLANS, "tiny", [grid.Group("sst2", 16, ("bert", "im"))])
+    settings = {"epochs": 1, "batch_size": 8, "max_length": 16, "lr": 1e-3, **FAST_IM}
+    argv = ["--plan", "tiny", "--seeds", "1", "2", "--workers", "2", "--out", str(tmp_path), "--model",
+            tiny_model, "--data-dir", str(DATA_DIR), "--dev-samples", "20", "--set", json.dumps(settings)]
+    grid.main(argv)
+
+    lines = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    runs = [("bert", 1), ("bert", 2), ("im", 1), ("im", 2)]
+    assert sorted((r["variant"], r["seed"]) for r in lines) == runs
+    scores = {}
+    for variant, seed in runs:
+        run = tmp_path / "sst2-n16" / f"{variant}-seed{seed}"
+        config = json.loads((run / "train_config.json").read_text())
+        assert (config["max_iter"], config["train_samples"], config["seed"]) == (
+            8 if variant == "im" else None, 16, seed)
+        scores[variant, seed] = json.loads((run / "metrics.json").read_text())["advglue"]["overall"]
+    summary = json.loads((tmp_path / "summary.json").read_text())["sst2-n16"]["variants"]
+    expected = sum(100 * (scores["im", s] - scores["bert", s]) for s in (1, 2)) / 2
+    assert summary["im"]["advglue"]["diff"]["mean"] == pytest.approx(expected)
+    assert summary["im"]["advglue_solver"]["mean_iterations"] > 0 and "advglue_solver" not in summary["bert"]
+    assert "### sst2-n16" in (tmp_path / "tables.md").read_text()
+
+    grid.main(argv)  # everything done: nothing is rerun, nothing appended
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 4

@@ -1,0 +1,307 @@
+"""Run a plan of fine-tuning comparisons in parallel worker processes and summarize them group by group.
+
+A group is one task and training size with named variants (BERT, EX-BERT, IM-BERT, IM-BERT with the
+paper's gradient-descent solver, ...), each run for every seed; the variants of a seed train on the same
+examples from the same classifier initialisation, so differences to BERT are paired by seed. Each run lives
+in ``OUT/<group>/<variant>-seed<seed>``: runs with a ``metrics.json`` are skipped, interrupted ones resumed.
+After every finished run ``results.jsonl`` gets a line and ``summary.json`` and ``tables.md`` are rewritten
+atomically, so stopping (``--deadline``, Ctrl-C, a kill) loses only the runs in flight.
+
+Several workers pay off on a GPU, where one small model's run is bound by kernel launches, not arithmetic;
+on a CPU use ``--workers 1``. The core table of RESULTS.md::
+
+    python bench/experiments/grid.py --plan core --out runs/grid --workers 12
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ode_bert.compare import METRICS, NOT_TAKEN, summarize
+from ode_bert.train import CONFIG_FILE, write_json_atomic
+
+BASELINE = "bert"
+# Fine-tuning settings of every run: the ones the IM-connection was chosen with (RESULTS.md).
+COMMON: dict[str, Any] = {"epochs": 2, "batch_size": 32, "lr": 2e-4}
+MAX_LENGTH = {"sst2": 64}  # sentence-pair tasks: DEFAULT_MAX_LENGTH
+DEFAULT_MAX_LENGTH = 128
+# Variant name -> TrainConfig settings; unset solver settings take the im_bert / ex_bert defaults.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "bert": {"variant": "bert"},
+    "ex": {"variant": "ex"},
+    "im": {"variant": "im"},
+    "im-gd": {"variant": "im", "root": "gd"},  # the paper's solver: gradient descent on the residual
+    "ex-layer": {"variant": "ex", "field": "layer", "step": 1.0},  # the paper's framing, h + Layer(h)
+    "im-layer": {"variant": "im", "field": "layer", "step": 1.0},
+}
+
+
+@dataclass(frozen=True)
+class Group:
+    """Variants compared on one task and training size."""
+
+    task: str
+    train_samples: int
+    variants: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.task}-n{self.train_samples}"
+
+
+# A plan's groups run in order; a group may add variants to one of an earlier plan (same name, same runs).
+PLANS: dict[str, list[Group]] = {
+    "core": [Group("sst2", 1000, ("im", "bert", "ex")), Group("rte", 1000, ("im", "bert", "ex"))],
+    "extensions": [
+        Group("sst2", 1000, ("im-gd",)),
+        Group("qnli", 1000, ("im", "bert")),
+        Group("mnli", 1000, ("im", "bert")),
+        Group("qqp", 1000, ("im", "bert")),
+        Group("sst2", 2000, ("im", "bert")),
+        Group("sst2", 500, ("im", "bert", "ex")),
+        Group("sst2", 1000, ("im-layer", "ex-layer")),
+    ],
+}
+
+
+@dataclass(frozen=True)
+class Job:
+    group: Group
+    variant: str
+    seed: int
+
+    def run_dir(self, out: Path) -> Path:
+        return out / self.group.name / f"{self.variant}-seed{self.seed}"
+
+    def config(self, out: Path, options: dict[str, Any]) -> dict[str, Any]:
+        """TrainConfig fields of this run: ``options`` minus solver settings the variant does not take."""
+        settings = VARIANTS[self.variant]
+        options = {k: v for k, v in options.items() if k not in NOT_TAKEN.get(settings["variant"], ())}
+        max_length = MAX_LENGTH.get(self.group.task, DEFAULT_MAX_LENGTH)
+        return {**COMMON, "max_length": max_length, **options, **settings,
+                "task": self.group.task, "train_samples": self.group.train_samples, "seed": self.seed,
+                "output_dir": str(self.run_dir(out))}
+
+
+def plan_jobs(plans: list[str], seeds: list[int]) -> list[Job]:
+    """Every (group, variant, seed) run of the plans, in the order given, seeds innermost per variant."""
+    return [Job(g, v, s) for p in plans for g in PLANS[p] for v in g.variants for s in seeds]
+
+
+def run_worker(config: dict[str, Any], dev_samples: int | None) -> None:
+    """Train and evaluate one run in this process (what each worker process does)."""
+    from ode_bert.evaluate import evaluate
+    from ode_bert.train import TrainConfig, train
+
+    config["resume"] = (Path(config["output_dir"]) / CONFIG_FILE).is_file()
+    evaluate(train(TrainConfig(**config)), dev_samples=dev_samples)
+
+
+def _result_line(job: Job, metrics: dict[str, Any], seconds: float | None) -> dict[str, Any]:
+    """The record of one finished run: scores per split, solver statistics, wall time."""
+    line: dict[str, Any] = {"group": job.group.name, "task": job.group.task, "variant": job.variant,
+                            "settings": VARIANTS[job.variant], "seed": job.seed,
+                            "train_samples": job.group.train_samples, "seconds": seconds}
+    for metric in METRICS:
+        m = metrics[metric]
+        line[metric] = {"overall": m["overall"], "tasks": m["tasks"], "solver": m["solver"],
+                        "splits": m["splits"], "constant": m["constant_baseline"]["overall"]}
+    return line
+
+
+def summarize_groups(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per group: mean, std and paired difference to BERT over the seeds each variant shares with BERT."""
+    groups: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
+    for r in results:
+        groups.setdefault(r["group"], {}).setdefault(r["variant"], {})[r["seed"]] = r
+    summary: dict[str, Any] = {}
+    for name, by_variant in groups.items():
+        baseline_seeds = set(by_variant.get(BASELINE, {}))
+        scores = {
+            v: {s: {m: r[m]["overall"] for m in METRICS} for s, r in runs.items() if s in baseline_seeds}
+            for v, runs in by_variant.items()
+        }
+        scores = {v: s for v, s in scores.items() if s}
+        if BASELINE not in scores:
+            continue
+        stats = summarize(scores, BASELINE)
+        for v, runs in by_variant.items():
+            if v not in stats:
+                continue
+            kept = [runs[s] for s in sorted(scores[v])]
+            seconds = [r["seconds"] for r in kept if r["seconds"] is not None]
+            stats[v]["seeds"] = sorted(scores[v])
+            stats[v]["mean_seconds"] = sum(seconds) / len(seconds) if seconds else None
+            solver = [r["advglue"]["solver"] for r in kept if r["advglue"]["solver"]]
+            if solver:
+                stats[v]["advglue_solver"] = {
+                    "converged_fraction": sum(s["converged_fraction"] for s in solver) / len(solver),
+                    "mean_iterations": sum(s["mean_iterations"] for s in solver) / len(solver),
+                    "max_rel_residual": max(s["max_rel_residual"] or 0.0 for s in solver),
+                }
+        first = next(iter(by_variant[BASELINE].values()))
+        summary[name] = {"variants": stats, "constant": {m: 100 * first[m]["constant"] for m in METRICS}}
+    return summary
+
+
+def format_tables(summary: dict[str, Any]) -> str:
+    """One markdown table per group (scores in %, Δ = paired difference to BERT with its 95% t CI)."""
+
+    def diff(entry: dict[str, Any]) -> str:
+        d = entry.get("diff")
+        if d is None:
+            return "baseline"
+        if d["ci_low"] is None:
+            return f"{d['mean']:+.2f}"
+        return f"{d['mean']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]"
+
+    def spread(entry: dict[str, Any]) -> str:
+        std = "" if entry["std"] is None else f" ± {entry['std']:.2f}"
+        return f"{entry['mean']:.2f}{std}"
+
+    out = []
+    for name, group in summary.items():
+        const = group["constant"]
+        out += [f"### {name}", "",
+                f"Constant prediction (majority training class): clean {const['clean']:.2f}, "
+                f"AdvGLUE {const['advglue']:.2f}.", "",
+                "| variant | seeds | clean mean ± std | Δ clean [95% CI] | AdvGLUE mean ± std "
+                "| Δ AdvGLUE [95% CI] | AdvGLUE solves converged | max rel. residual | s per run |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for variant, v in group["variants"].items():
+            solver = v.get("advglue_solver")
+            conv = f"{100 * solver['converged_fraction']:.0f}%" if solver else "-"
+            resid = f"{solver['max_rel_residual']:.1e}" if solver else "-"
+            secs = f"{v['mean_seconds']:.0f}" if v["mean_seconds"] is not None else "-"
+            out.append(f"| {variant} | {len(v['seeds'])} | {spread(v['clean'])} | {diff(v['clean'])} | "
+                       f"{spread(v['advglue'])} | {diff(v['advglue'])} | {conv} | {resid} | {secs} |")
+        out.append("")
+    return "\n".join(out)
+
+
+class Scheduler:
+    """Runs jobs in up to ``workers`` child processes and records each finished run."""
+
+    def __init__(self, out: Path, jobs: list[Job], workers: int, options: dict[str, Any],
+                 dev_samples: int | None, threads: int) -> None:
+        self.out, self.workers, self.options, self.dev_samples = out, workers, options, dev_samples
+        self.threads = threads
+        self.results: list[dict[str, Any]] = []
+        self.pending: deque[Job] = deque()
+        for job in jobs:
+            metrics_path = job.run_dir(out) / "metrics.json"
+            if metrics_path.is_file():
+                self.results.append(_result_line(job, json.loads(metrics_path.read_text()), None))
+            else:
+                self.pending.append(job)
+        self.total = len(jobs)
+        self.running: dict[Job, tuple[subprocess.Popen[bytes], float]] = {}
+
+    def _start(self, job: Job) -> None:
+        run_dir = job.run_dir(self.out)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        payload = json.dumps({"config": job.config(self.out, self.options), "dev_samples": self.dev_samples})
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "TQDM_DISABLE": "1"}
+        with open(run_dir / "log.txt", "ab") as log:
+            process = subprocess.Popen([sys.executable, __file__, "--worker", payload], stdout=log,
+                                       stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.running[job] = (process, time.perf_counter())
+
+    def _finish(self, job: Job, returncode: int, started: float) -> None:
+        seconds = time.perf_counter() - started
+        metrics_path = job.run_dir(self.out) / "metrics.json"
+        label = f"{job.group.name} {job.variant} seed {job.seed}"
+        if returncode != 0 or not metrics_path.is_file():
+            log = (job.run_dir(self.out) / "log.txt").read_text(errors="replace")[-2000:]
+            print(f"FAILED {label} (exit {returncode}) after {seconds:.0f} s; log tail:\n{log}", flush=True)
+            return
+        line = _result_line(job, json.loads(metrics_path.read_text()), seconds)
+        self.results.append(line)
+        with open(self.out / "results.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
+        self.write_summary()
+        clean, adv = (100 * line[m]["overall"] for m in METRICS)
+        done = f"[{len(self.results)}/{self.total}]"
+        print(f"{done} {label}: {seconds:.0f} s, clean {clean:.2f}, AdvGLUE {adv:.2f}", flush=True)
+
+    def write_summary(self) -> None:
+        summary = summarize_groups(self.results)
+        write_json_atomic(self.out / "summary.json", summary)
+        tmp = self.out / ".tables.md.tmp"
+        tmp.write_text(format_tables(summary), encoding="utf-8")
+        os.replace(tmp, self.out / "tables.md")
+
+    def stop(self) -> None:
+        """Kill the runs in flight (their checkpoints let a later call resume them)."""
+        for process, _ in self.running.values():
+            os.killpg(process.pid, signal.SIGTERM)
+        for process, _ in self.running.values():
+            process.wait()
+        if self.running:
+            print(f"stopped {len(self.running)} run(s) in flight; rerun to resume them", flush=True)
+        self.running.clear()
+
+    def run(self, deadline: float | None) -> None:
+        """Work through the jobs until all are done or ``deadline`` (perf_counter seconds) passes."""
+        try:
+            while self.pending or self.running:
+                if deadline is not None and time.perf_counter() > deadline:
+                    print("deadline reached", flush=True)
+                    break
+                while self.pending and len(self.running) < self.workers:
+                    self._start(self.pending.popleft())
+                time.sleep(0.5)
+                for job, (process, started) in list(self.running.items()):
+                    if process.poll() is not None:
+                        del self.running[job]
+                        self._finish(job, process.returncode, started)
+        finally:
+            self.stop()
+            self.write_summary()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--plan", nargs="+", choices=list(PLANS), default=["core"], help="plans, in order")
+    parser.add_argument("--out", default="runs/grid", help="output directory (default runs/grid)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="seeds (default 1-5)")
+    parser.add_argument("--workers", type=int, default=1, help="runs at a time (default 1)")
+    parser.add_argument("--threads", type=int, help="CPU threads per run (default: cores / workers)")
+    parser.add_argument("--deadline", type=float, help="stop after this many seconds, killing runs in flight")
+    parser.add_argument("--model", help="model path or hub name (default: the offline MiniLM)")
+    parser.add_argument("--data-dir", help="data directory (default: ODE_BERT_DATA_DIR or ../shared/data)")
+    parser.add_argument("--dev-samples", type=int, help="score a stratified subset of each clean dev split")
+    parser.add_argument("--set", default="{}", metavar="JSON",
+                        help='further TrainConfig settings for every run, e.g. \'{"epochs": 3}\'')
+    args = parser.parse_args(argv)
+    if args.worker:
+        payload = json.loads(args.worker)
+        run_worker(payload["config"], payload["dev_samples"])
+        return
+    if args.workers < 1:
+        parser.error(f"--workers must be >= 1, got {args.workers}")
+    options = {k: v for k, v in (("model", args.model), ("data_dir", args.data_dir)) if v is not None}
+    options.update(json.loads(args.set))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = plan_jobs(args.plan, args.seeds)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
+    scheduler = Scheduler(out, jobs, args.workers, options, args.dev_samples, threads)
+    print(f"{len(jobs)} runs, {len(scheduler.pending)} to do, {args.workers} at a time", flush=True)
+    deadline = None if args.deadline is None else time.perf_counter() + args.deadline
+    scheduler.run(deadline)
+
+
+if __name__ == "__main__":
+    main()
