@@ -455,6 +455,7 @@ class LayerStats:
     iterations: int
     residual: float | None
     converged: bool
+    tol: float | None = None  # the tolerance the solve used (raised under autocast; RootFinder.tolerance)
 
 
 def solver_stats(model: nn.Module) -> list[LayerStats]:
@@ -473,6 +474,7 @@ def solver_stats(model: nn.Module) -> list[LayerStats]:
                 iterations=int(root.iterations.max()) if root is not None else 0,
                 residual=root.max_rel_residual if root is not None else None,
                 converged=root.all_converged if root is not None else True,
+                tol=root.tol if root is not None else None,
             )
         )
     return stats

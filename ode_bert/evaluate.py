@@ -99,12 +99,14 @@ def summarize_solver(log: Sequence[LayerStats]) -> dict[str, Any] | None:
     if not log:
         return None
     residuals = [s.residual for s in log if s.residual is not None]
+    tols = [s.tol for s in log if s.tol is not None]
     return {
         "layer_solves": len(log),
         "mean_iterations": sum(s.iterations for s in log) / len(log),
         "max_iterations": max(s.iterations for s in log),
         "max_rel_residual": max(residuals) if residuals else None,
         "converged_fraction": sum(s.converged for s in log) / len(log),
+        "tol": max(tols) if tols else None,
     }
 
 

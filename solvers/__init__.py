@@ -21,6 +21,7 @@ from ._base import (
     RootFinder,
     RootInfo,
     StepInfo,
+    default_tol,
 )
 from .gradients import available_grad_modes, solve_fixed_point
 from .integrate import DivergenceError, OdeintStats, odeint
@@ -49,6 +50,7 @@ __all__ = [
     "available",
     "available_grad_modes",
     "available_root_finders",
+    "default_tol",
     "get",
     "get_root_finder",
     "install_torchdiffeq",

@@ -82,6 +82,17 @@ def default_tol(dtype: torch.dtype) -> float:
     )
 
 
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype that operations on ``x`` compute in: the autocast dtype when autocast is on for its device
+    and lower in precision than ``x``, else ``x.dtype``."""
+    device = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        if torch.finfo(dtype).eps > torch.finfo(x.dtype).eps:
+            return dtype
+    return x.dtype
+
+
 @dataclass
 class RootInfo:
     """Outcome of one root solve, per sample (length ``batch``) where a tensor."""
@@ -94,6 +105,7 @@ class RootInfo:
     solver: str = ""
     nvjp: int = 0  # Jacobian-vector or vector-Jacobian products (each on the whole batch)
     diverged: Tensor | None = None  # bool per sample: stopped by a non-finite residual (None: not tracked)
+    tol: float | None = None  # the relative tolerance the solve stopped at (see RootFinder.tolerance)
 
     @property
     def all_converged(self) -> bool:
@@ -146,7 +158,13 @@ class RootFinder(abc.ABC):
         self.on_failure = on_failure
 
     def tolerance(self, z: Tensor) -> float:
-        return self.tol if self.tol is not None else default_tol(z.dtype)
+        """The tolerance of a solve from ``z``: ``tol`` (``None``: the dtype's default), raised to the default
+        tolerance of the dtype the map computes in under autocast. A bfloat16 layer evaluation is only good
+        to about 1e-2, so a float32 tolerance could never be met there: every solve would run to
+        ``max_iter`` and report failure."""
+        tol = self.tol if self.tol is not None else default_tol(z.dtype)
+        compute = compute_dtype(z)
+        return tol if compute == z.dtype else max(tol, default_tol(compute))
 
     @abc.abstractmethod
     def _solve(self, g: FixedPointMap, z0: Tensor, tol: float) -> tuple[Tensor, RootInfo]:
@@ -155,8 +173,9 @@ class RootFinder(abc.ABC):
     def solve(self, g: FixedPointMap, z0: Tensor) -> tuple[Tensor, RootInfo]:
         """Solve ``z = g(z)`` from ``z0``; report (and, per ``on_failure``, warn/raise) non-convergence."""
         check_state(z0, "initial guess")
-        z, info = self._solve(g, z0, self.tolerance(z0))
-        info.solver = self.name
+        tol = self.tolerance(z0)
+        z, info = self._solve(g, z0, tol)
+        info.solver, info.tol = self.name, tol
         self.report(info)
         return z, info
 

@@ -182,6 +182,23 @@ def test_low_precision_states(name, dtype):
 
 
 @pytest.mark.parametrize("name", FINDERS)
+def test_tolerance_is_raised_to_the_autocast_dtype(name):
+    """Under bfloat16 autocast a float32 state's map computes in bfloat16: a float32 tolerance would be out of
+    reach, so the solve stops at bfloat16's (1e-2), which its recomputed residual meets; without autocast the
+    requested tolerance stands."""
+    x, w, h = tanh_problem(batch=3, n=6, gain=0.5, seed=5, dtype=torch.float32)
+    g = tanh_map(x, w, h)
+    solver = finder(name, tol=1e-6, max_iter=200)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z, info = solver.solve(g, x.clone())
+        residual = relative_residual(g, z)
+    assert info.tol == solvers.default_tol(torch.bfloat16) == 1e-2
+    assert info.all_converged and residual.max() <= 1.01 * info.tol
+    z, info = solver.solve(g, x.clone())
+    assert info.tol == 1e-6 and info.all_converged and relative_residual(g, z).max() <= 1.01e-6
+
+
+@pytest.mark.parametrize("name", FINDERS)
 def test_single_sample_shapes(name):
     """A 0-d or 1-d state is one sample; the result keeps the caller's shape."""
     g = lambda z: 0.5 * torch.cos(z)  # noqa: E731

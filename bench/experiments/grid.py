@@ -142,7 +142,9 @@ def summarize_groups(results: list[dict[str, Any]]) -> dict[str, Any]:
             seconds = [r["seconds"] for r in kept if r["seconds"] is not None]
             stats[v]["seeds"] = sorted(scores[v])
             stats[v]["mean_seconds"] = sum(seconds) / len(seconds) if seconds else None
-            solver = [r["advglue"]["solver"] for r in kept if r["advglue"]["solver"]]
+            # explicit connections have no solve to report (no residual)
+            solver = [r["advglue"]["solver"] for r in kept
+                      if r["advglue"]["solver"] and r["advglue"]["solver"]["max_rel_residual"] is not None]
             if solver:
                 stats[v]["advglue_solver"] = {
                     "converged_fraction": sum(s["converged_fraction"] for s in solver) / len(solver),
