@@ -117,6 +117,10 @@ def _train_command(parser: argparse.ArgumentParser) -> Handler:
             resume=args.resume, data_dir=args.data_dir, **_training_options(args),
         )  # fmt: skip
         run_dir = train(config)
+        from accelerate import PartialState  # present: train needs it
+
+        if not PartialState().is_main_process:  # under accelerate launch / torchrun: one process reports
+            return
         print(f"run directory: {run_dir}")
         if not args.no_eval:
             print(format_metrics(evaluate(run_dir, dev_samples=args.dev_samples)))

@@ -292,6 +292,7 @@ def train(config: TrainConfig) -> Path:
         optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps
     )
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    accelerator.print(f"training on {accelerator.device} in {accelerator.num_processes} process(es)")
 
     checkpoint_path = run_dir / CHECKPOINT
     start_epoch, history = 0, []
@@ -342,6 +343,7 @@ def train(config: TrainConfig) -> Path:
         _save_final(accelerator.unwrap_model(model), tokenizer, run_dir)
         write_json_atomic(run_dir / HISTORY_FILE, history)
         checkpoint_path.unlink(missing_ok=True)
+    accelerator.wait_for_everyone()  # no process returns before the run directory is complete
     return run_dir
 
 

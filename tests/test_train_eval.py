@@ -7,6 +7,7 @@ import math
 import os
 import statistics
 import string
+import subprocess
 import sys
 from pathlib import Path
 
@@ -311,3 +312,22 @@ def test_grid_runs_plan_in_parallel_and_pairs_by_seed(
 
     grid.main(argv)  # everything done: nothing is rerun, nothing appended
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 4
+
+
+def test_two_process_training_reports_once(tiny_model: str, tmp_path: Path) -> None:
+    """Data-parallel training on CPU (what ``accelerate launch`` / ``torchrun`` start): both processes train,
+    the main one writes the run and evaluates it, no process returns before the run directory is complete."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "ode_bert", "train", "--task", "sst2", "--variant", "im", "--model", tiny_model,
+               "--train-samples", "32", "--epochs", "1", "--batch-size", "4", "--max-length", "16",
+               "--dev-samples", "20", "--data-dir", str(DATA_DIR), "--output-dir", str(out),
+               "--tol", str(FAST_IM["tol"]), "--max-iter", str(FAST_IM["max_iter"])]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "in 2 process(es)" in result.stdout
+    assert result.stdout.count("run directory:") == 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["clean"]["splits"]["sst2"]["n"] == 20
+    assert len(json.loads((out / "train_history.json").read_text())) == 1

@@ -94,8 +94,9 @@ class Job:
 
 
 def plan_jobs(plans: list[str], seeds: list[int]) -> list[Job]:
-    """Every (group, variant, seed) run of the plans, in the order given, seeds innermost per variant."""
-    return [Job(g, v, s) for p in plans for g in PLANS[p] for v in g.variants for s in seeds]
+    """Every (group, variant, seed) run of the plans, group by group, all variants of a seed together, so
+    that runs stopped early still leave complete seeds to pair."""
+    return [Job(g, v, s) for p in plans for g in PLANS[p] for s in seeds for v in g.variants]
 
 
 def run_worker(config: dict[str, Any], dev_samples: int | None) -> None:
@@ -213,7 +214,7 @@ class Scheduler:
         run_dir = job.run_dir(self.out)
         run_dir.mkdir(parents=True, exist_ok=True)
         payload = json.dumps({"config": job.config(self.out, self.options), "dev_samples": self.dev_samples})
-        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "TQDM_DISABLE": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads)}
         with open(run_dir / "log.txt", "ab") as log:
             process = subprocess.Popen([sys.executable, __file__, "--worker", payload], stdout=log,
                                        stderr=subprocess.STDOUT, env=env, start_new_session=True)
