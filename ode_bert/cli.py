@@ -36,8 +36,8 @@ def command(name: str, help: str) -> Callable[[Setup], Setup]:
 def _add_data_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-dir",
-        help="directory with glue/<TASK>/*.tsv and advglue/dev.json "
-        "(default: $ODE_BERT_DATA_DIR, else ../shared/data)",
+        help="directory with glue/<TASK>/*.tsv and advglue/dev.json, or 'hub' to download them with HF "
+        "datasets (default: $ODE_BERT_DATA_DIR, else ../shared/data)",
     )
 
 

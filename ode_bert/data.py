@@ -13,6 +13,9 @@ Which file is training data and which is clean dev data, per task:
 - qqp: only ``train_subset.tsv`` exists: a fixed seeded part of it is held out as clean dev and never
   trained on.
 
+With ``data_dir="hub"`` (or ``ODE_BERT_DATA_DIR=hub``) the same loaders download the full GLUE sets and
+AdvGLUE with HF ``datasets`` instead (needs internet; QQP's clean dev is then its GLUE validation split).
+
 Clean dev and AdvGLUE sets are returned as ``{split: examples}`` with the AdvGLUE split names
 (``mnli`` and ``mnli-mm`` for MNLI), so per-split results line up with the official scoring.
 """
@@ -20,6 +23,7 @@ Clean dev and AdvGLUE sets are returned as ``{split: examples}`` with the AdvGLU
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import random
@@ -29,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DATA_DIR_ENV = "ODE_BERT_DATA_DIR"
+HUB = "hub"  # the data_dir value that selects the download path
 QQP_DEV_SIZE = 1000
 QQP_DEV_SEED = 20240101
 
@@ -220,8 +225,15 @@ def _qqp_dev_indices(n_rows: int) -> set[int]:
     return set(random.Random(QQP_DEV_SEED).sample(range(n_rows), QQP_DEV_SIZE))
 
 
+def _from_hub(data_dir: str | os.PathLike[str] | None) -> bool:
+    """Whether ``data_dir`` (or, unset, ``$ODE_BERT_DATA_DIR``) selects the ``datasets`` download path."""
+    return str(data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV)) == HUB
+
+
 def load_train(task: str, data_dir: str | os.PathLike[str] | None = None) -> list[Example]:
     """All training examples of ``task`` (for QQP: train_subset.tsv minus the rows held out as dev)."""
+    if _from_hub(data_dir):
+        return _hub_sets(task)[0]
     spec = get_task(task)
     examples = read_tsv(_glue_path(spec, spec.train, data_dir), spec.train, spec)
     if spec.name == "qqp":
@@ -232,6 +244,8 @@ def load_train(task: str, data_dir: str | os.PathLike[str] | None = None) -> lis
 
 def load_clean_dev(task: str, data_dir: str | os.PathLike[str] | None = None) -> dict[str, list[Example]]:
     """Clean dev examples of ``task`` per AdvGLUE split name (MNLI: 'mnli' matched and 'mnli-mm')."""
+    if _from_hub(data_dir):
+        return _hub_sets(task)[1]
     spec = get_task(task)
     if spec.name == "qqp":
         examples = read_tsv(_glue_path(spec, spec.train, data_dir), spec.train, spec)
@@ -242,6 +256,8 @@ def load_clean_dev(task: str, data_dir: str | os.PathLike[str] | None = None) ->
 
 def load_advglue(task: str, data_dir: str | os.PathLike[str] | None = None) -> dict[str, list[Example]]:
     """AdvGLUE dev examples of ``task`` per split name (MNLI: 'mnli' and 'mnli-mm')."""
+    if _from_hub(data_dir):
+        return _hub_sets(task)[2]
     spec = get_task(task)
     path = resolve_data_dir(data_dir) / "advglue" / "dev.json"
     if not path.is_file():
@@ -354,3 +370,6 @@ def load_from_hub(task: str) -> tuple[list[Example], dict[str, list[Example]], d
         config = _HUB_ADV_CONFIGS.get(split, f"adv_{split}")
         adv[split] = convert(datasets.load_dataset("AI-secure/adv_glue", config)["validation"])
     return convert(glue["train"]), clean, adv
+
+
+_hub_sets = functools.lru_cache(maxsize=None)(load_from_hub)  # one download per task and process

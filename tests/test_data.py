@@ -198,3 +198,52 @@ def test_hub_path_without_datasets_says_how_to_install(monkeypatch: pytest.Monke
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` raise ImportError
     with pytest.raises(ImportError, match="pip install datasets"):
         data.load_from_hub("sst2")
+
+
+# Dataset configurations and splits on the hub (nyu-mll/glue and AI-secure/adv_glue dataset cards).
+HUB_GLUE_SPLITS = {
+    **{task: ("train", "validation") for task in ("sst2", "qqp", "rte", "qnli")},
+    "mnli": ("train", "validation_matched", "validation_mismatched"),
+}
+HUB_ADV_CONFIGS = {"adv_sst2", "adv_qqp", "adv_mnli", "adv_mnli_mismatched", "adv_qnli", "adv_rte"}
+
+
+@needs_data
+@pytest.mark.parametrize("task", ["sst2", "mnli"])
+def test_hub_path_reads_what_datasets_serves(task: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``data_dir="hub"``: a stand-in ``datasets`` serves the local files in the hub's row format (the field
+    names of AdvGLUE's dev.json); the loaders must ask for valid configurations and return the same
+    examples."""
+    spec = data.get_task(task)
+    field_a, field_b = spec.advglue_fields
+    local_dev = data.load_clean_dev(task, DATA_DIR)
+    local_adv = data.load_advglue(task, DATA_DIR)
+    local_train = data.load_train(task, DATA_DIR)[:50]
+
+    def rows(examples: list[data.Example]) -> list[dict]:
+        return [{field_a: ex.text_a, **({field_b: ex.text_b} if field_b else {}), "label": ex.label, "idx": i}
+                for i, ex in enumerate(examples)]
+
+    calls = []
+
+    def load_dataset(path: str, name: str) -> dict[str, list[dict]]:
+        calls.append((path, name))
+        if path == "nyu-mll/glue":
+            splits = dict(zip(HUB_GLUE_SPLITS[name], [local_train, *local_dev.values()], strict=True))
+            return {split: rows(examples) for split, examples in splits.items()}
+        assert path == "AI-secure/adv_glue" and name in HUB_ADV_CONFIGS
+        split = name.removeprefix("adv_").replace("_mismatched", "-mm")
+        return {"validation": rows(local_adv[split])}
+
+    fake = type(sys)("datasets")
+    fake.load_dataset = load_dataset
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    monkeypatch.setenv(data.DATA_DIR_ENV, data.HUB)
+    data._hub_sets.cache_clear()
+    try:
+        assert data.load_train(task) == local_train
+        assert data.load_clean_dev(task) == local_dev
+        assert data.load_advglue(task) == local_adv
+    finally:
+        data._hub_sets.cache_clear()
+    assert len(calls) == 1 + len(spec.splits)  # downloaded once per task, not once per loader call
