@@ -10,7 +10,7 @@ atomically, so stopping (``--deadline``, Ctrl-C, a kill) loses only the runs in 
 Several workers pay off on a GPU, where one small model's run is bound by kernel launches, not arithmetic;
 on a CPU use ``--workers 1``. The core table of RESULTS.md::
 
-    python bench/experiments/grid.py --plan core --out runs/grid --workers 12
+    python bench/experiments/grid.py --plan core --out runs/grid --workers 14
 """
 
 from __future__ import annotations
