@@ -285,7 +285,7 @@ def test_grid_runs_plan_in_parallel_and_pairs_by_seed(
     tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """bench/experiments/grid.py: two workers, every run recorded, Δ = mean of the per-seed differences."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "experiments"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench" / "experiments"))
     import grid
 
     monkeypatch.setitem(grid.PLANS, "tiny", [grid.Group("sst2", 16, ("bert", "im"))])
