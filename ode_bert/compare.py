@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ from typing import Any
 from scipy import stats
 
 from .evaluate import METRICS_FILE, evaluate
-from .train import CONFIG_FILE, TrainConfig, train, write_json_atomic
+from .train import CONFIG_FILE, TrainConfig, atomic_open, train, write_json_atomic
 
 METRICS = {"clean": "clean dev", "advglue": "AdvGLUE"}
 # Settings that a variant does not take: compare gives each variant only the solver settings that apply to it.
@@ -114,11 +112,9 @@ def plot(
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
+    with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def compare(
@@ -185,10 +181,8 @@ def compare(
         header += f"\n\n**Only {len(seeds)} seed(s): too few for conclusions; use at least 5.**"
     write_json_atomic(output_dir / "comparison.json", result)
     markdown = format_markdown(summary, baseline, header)
-    fd, tmp = tempfile.mkstemp(dir=output_dir, prefix=".comparison.md.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    with atomic_open(output_dir / "comparison.md") as f:
         f.write(markdown)
-    os.replace(tmp, output_dir / "comparison.md")
     plot(summary, output_dir / "comparison.png", f"{task}: mean ± std over {len(seeds)} seed(s)", constant)
     result["markdown"] = markdown
     return result

@@ -14,6 +14,7 @@ checkpoint, so a resumed run ends with the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -24,7 +25,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -146,14 +147,27 @@ def split_training_data(config: TrainConfig) -> tuple[list[Example], list[Exampl
     return holdout_split(examples, config.holdout, data_seed)
 
 
-def write_json_atomic(path: Path, value: Any) -> None:
-    """Write JSON to ``path`` through a temporary file and ``os.replace``: never a half-written file."""
+@contextlib.contextmanager
+def atomic_open(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
+    """Open a temporary file beside ``path`` for writing (``mode`` "w": text, "wb": binary); it replaces
+    ``path`` only when the block completes, so readers never see a half-written file and a failed write
+    keeps the old one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
+            yield f
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """Write JSON to ``path`` atomically (``atomic_open``)."""
+    with atomic_open(path) as f:
         json.dump(value, f, indent=2)
         f.write("\n")
-    os.replace(tmp, path)
 
 
 class EncodedDataset(torch.utils.data.Dataset):
@@ -222,11 +236,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """``torch.save`` via a temporary file and ``os.replace``, so an interrupted save keeps the old one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` atomically (``atomic_open``), so an interrupted save keeps the old checkpoint."""
+    with atomic_open(path, "wb") as f:
+        torch.save(state, f)
 
 
 def _parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ode_bert.compare import METRICS, NOT_TAKEN, summarize
-from ode_bert.train import CONFIG_FILE, write_json_atomic
+from ode_bert.train import CONFIG_FILE, atomic_open, write_json_atomic
 
 BASELINE = "bert"
 # Fine-tuning settings of every run: the ones the IM-connection was chosen with (RESULTS.md).
@@ -242,9 +242,8 @@ class Scheduler:
     def write_summary(self) -> None:
         summary = summarize_groups(self.results)
         write_json_atomic(self.out / "summary.json", summary)
-        tmp = self.out / ".tables.md.tmp"
-        tmp.write_text(format_tables(summary), encoding="utf-8")
-        os.replace(tmp, self.out / "tables.md")
+        with atomic_open(self.out / "tables.md") as f:
+            f.write(format_tables(summary))
 
     def stop(self) -> None:
         """Kill the runs in flight (their checkpoints let a later call resume them)."""
