@@ -331,3 +331,13 @@ def test_two_process_training_reports_once(tiny_model: str, tmp_path: Path) -> N
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["clean"]["splits"]["sst2"]["n"] == 20
     assert len(json.loads((out / "train_history.json").read_text())) == 1
+
+
+def test_atomic_open_replaces_only_on_success(tmp_path: Path) -> None:
+    path = tmp_path / "out.json"
+    with train_module.atomic_open(path) as f:
+        f.write("old")
+    with pytest.raises(RuntimeError), train_module.atomic_open(path) as f:
+        f.write("half-writ")
+        raise RuntimeError("interrupted")
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
