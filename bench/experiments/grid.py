@@ -95,10 +95,13 @@ class Job:
                 "output_dir": str(self.run_dir(out))}
 
 
-def plan_jobs(plans: list[str], seeds: list[int]) -> list[Job]:
+def plan_jobs(plans: list[str], seeds: list[int], groups: list[str] | None = None,
+              variants: list[str] | None = None) -> list[Job]:
     """Every (group, variant, seed) run of the plans, group by group, all variants of a seed together, so
-    that runs stopped early still leave complete seeds to pair."""
-    return [Job(g, v, s) for p in plans for g in PLANS[p] for s in seeds for v in g.variants]
+    that runs stopped early still leave complete seeds to pair; ``groups`` / ``variants`` keep only
+    those names."""
+    return [Job(g, v, s) for p in plans for g in PLANS[p] if groups is None or g.name in groups
+            for s in seeds for v in g.variants if variants is None or v in variants]
 
 
 def run_worker(config: dict[str, Any], dev_samples: int | None) -> None:
@@ -280,6 +283,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plan", nargs="+", choices=list(PLANS), default=["core"], help="plans, in order")
     parser.add_argument("--out", default="runs/grid", help="output directory (default runs/grid)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="seeds (default 1-5)")
+    parser.add_argument("--groups", nargs="+", metavar="GROUP", help="only these groups, e.g. sst2-n1000")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="only these variants")
     parser.add_argument("--workers", type=int, default=1, help="runs at a time (default 1)")
     parser.add_argument("--threads", type=int, help="CPU threads per run (default: cores / workers)")
     parser.add_argument("--deadline", type=float, help="stop after this many seconds, killing runs in flight")
@@ -299,7 +304,10 @@ def main(argv: list[str] | None = None) -> None:
     options.update(json.loads(args.set))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = plan_jobs(args.plan, args.seeds)
+    known = {g.name for p in args.plan for g in PLANS[p]}
+    if args.groups and not set(args.groups) <= known:
+        parser.error(f"unknown group(s) {sorted(set(args.groups) - known)}; the plans have {sorted(known)}")
+    jobs = plan_jobs(args.plan, args.seeds, args.groups, args.variants)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
     scheduler = Scheduler(out, jobs, args.workers, options, args.dev_samples, threads)
     print(f"{len(jobs)} runs, {len(scheduler.pending)} to do, {args.workers} at a time", flush=True)
