@@ -225,6 +225,7 @@ BAD_OPTIONS = [
     ("gd", {"lr": 0.0}, "lr"),
     ("gd", {"lr": -0.1}, "lr"),
     ("gd", {"momentum": 1.0}, "momentum"),
+    ("gd", {"backtrack": "yes"}, "backtrack"),
     ("picard", {"damping": 0}, "damping"),
 ]
 
@@ -417,6 +418,21 @@ def test_gd_with_momentum_reaches_the_same_root():
     assert info_plain.all_converged and info_heavy.all_converged
     np.testing.assert_allclose(z_heavy.numpy(), scipy_reference(x, w, h), atol=1e-8)
     assert int(info_heavy.iterations.max()) < int(info_plain.iterations.max())
+
+
+def test_gd_step_control_solves_where_fixed_step_diverges():
+    """On maps that are not contractions gd's fixed ``lr=0.5`` overshoots; halving a sample's step when it
+    does not decrease the residual reaches scipy's root, and the residual never grows."""
+    x, w, h = tanh_problem(batch=3, n=6, gain=2.0, seed=2)
+    g = tanh_map(x, w, h)
+    _, fixed = finder("gd", tol=1e-9, backtrack=False, on_failure="ignore").solve(g, x.clone())
+    assert not fixed.all_converged
+    z, info = finder("gd", tol=1e-9).solve(g, x.clone())
+    assert info.all_converged, info.summary()
+    np.testing.assert_allclose(z.numpy(), scipy_reference(x, w, h), rtol=0, atol=1e-7)
+    residuals = [finder("gd", max_iter=k, on_failure="ignore").solve(g, x.clone())[1].abs_residual
+                 for k in range(1, 40)]
+    assert all((later <= earlier).all() for earlier, later in zip(residuals, residuals[1:]))
 
 
 def test_newton_krylov_double_vjp_unrolled_gradient():

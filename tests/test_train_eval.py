@@ -315,14 +315,15 @@ def test_grid_runs_plan_in_parallel_and_pairs_by_seed(
 
 
 def test_grid_filters_groups_and_variants(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``--groups`` / ``--variants`` keep only the named runs, seeds still outermost; a typo is refused."""
+    """``--groups`` / ``--variants`` keep only the named runs and the baseline they pair with, seeds still
+    outermost; a typo is refused."""
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench" / "experiments"))
     import grid
 
     jobs = grid.plan_jobs(["core", "extensions"], [1, 2], groups=["sst2-n1000"], variants=["im", "im-layer"])
     assert [(j.group.name, j.variant, j.seed) for j in jobs] == [
-        ("sst2-n1000", "im", 1), ("sst2-n1000", "im", 2),
-        ("sst2-n1000", "im-layer", 1), ("sst2-n1000", "im-layer", 2)]
+        ("sst2-n1000", "im", 1), ("sst2-n1000", "bert", 1), ("sst2-n1000", "im", 2),
+        ("sst2-n1000", "bert", 2), ("sst2-n1000", "im-layer", 1), ("sst2-n1000", "im-layer", 2)]
     assert len(grid.plan_jobs(["core"], [1])) == 6
     with pytest.raises(SystemExit):
         grid.main(["--plan", "core", "--groups", "sst2-n999"])

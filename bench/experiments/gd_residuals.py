@@ -1,4 +1,4 @@
-"""Relative residual of the IM-connection's solve after k iterations: gd (two step sizes) vs Anderson.
+"""Relative residual of the IM-connection's solve after k iterations: gd (fixed or controlled step), Anderson.
 
 Pretrained MiniLM (not fine-tuned), implicit Euler on layers 0 and 1 (`im_bert` defaults otherwise), the
 first 16 SST-2 dev sentences; prints, per root finder and iteration cap, each layer's max relative residual.
@@ -17,7 +17,9 @@ import solvers
 from ode_bert.data import load_clean_dev
 from ode_bert.pretrained import load_model
 
-FINDERS = [("gd", {"lr": 0.5}), ("gd", {"lr": 0.1}), ("anderson", {})]
+# gd with the paper's fixed step (two sizes), gd with its default step control (from lr 0.5), Anderson
+FINDERS = [("gd", {"lr": 0.5, "backtrack": False}), ("gd", {"lr": 0.1, "backtrack": False}), ("gd", {}),
+           ("anderson", {})]
 CAPS = (1, 2, 5, 10, 20, 40)
 
 

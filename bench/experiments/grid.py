@@ -40,9 +40,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "bert": {"variant": "bert"},
     "ex": {"variant": "ex"},
     "im": {"variant": "im"},
-    "im-gd": {"variant": "im", "root": "gd"},  # the paper's solver: gradient descent on the residual
-    # gd's default step 0.5 diverges on MiniLM's layers, 0.1 converges (bench/experiments/gd_residuals.py)
-    "im-gd-lr0.1": {"variant": "im", "root": "gd", "solver_options": {"root_options": {"lr": 0.1}}},
+    # the paper's solver, gradient descent on the residual: as the library runs it (step size from 0.5,
+    # halved where a step does not decrease the residual) and with the paper's fixed step; a fixed 0.5
+    # diverges on MiniLM's layers, 0.1 converges (bench/experiments/gd_residuals.py)
+    "im-gd": {"variant": "im", "root": "gd"},
+    "im-gd-fixed": {"variant": "im", "root": "gd", "solver_options": {"root_options": {"backtrack": False}}},
+    "im-gd-lr0.1": {"variant": "im", "root": "gd",
+                    "solver_options": {"root_options": {"lr": 0.1, "backtrack": False}}},
     "ex-layer": {"variant": "ex", "field": "layer", "step": 1.0},  # the paper's framing, h + Layer(h)
     "im-layer": {"variant": "im", "field": "layer", "step": 1.0},
 }
@@ -65,7 +69,7 @@ class Group:
 PLANS: dict[str, list[Group]] = {
     "core": [Group("sst2", 1000, ("im", "bert", "ex")), Group("rte", 1000, ("im", "bert", "ex"))],
     "extensions": [
-        Group("sst2", 1000, ("im-gd-lr0.1", "im-gd")),
+        Group("sst2", 1000, ("im-gd", "im-gd-lr0.1", "im-gd-fixed")),
         Group("qnli", 1000, ("im", "bert")),
         Group("mnli", 1000, ("im", "bert")),
         Group("qqp", 1000, ("im", "bert")),
@@ -99,9 +103,10 @@ def plan_jobs(plans: list[str], seeds: list[int], groups: list[str] | None = Non
               variants: list[str] | None = None) -> list[Job]:
     """Every (group, variant, seed) run of the plans, group by group, all variants of a seed together, so
     that runs stopped early still leave complete seeds to pair; ``groups`` / ``variants`` keep only
-    those names."""
+    those names (and the baseline, which the others are paired with)."""
+    keep = None if variants is None else {*variants, BASELINE}
     return [Job(g, v, s) for p in plans for g in PLANS[p] if groups is None or g.name in groups
-            for s in seeds for v in g.variants if variants is None or v in variants]
+            for s in seeds for v in g.variants if keep is None or v in keep]
 
 
 def run_worker(config: dict[str, Any], dev_samples: int | None) -> None:
@@ -284,7 +289,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="runs/grid", help="output directory (default runs/grid)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="seeds (default 1-5)")
     parser.add_argument("--groups", nargs="+", metavar="GROUP", help="only these groups, e.g. sst2-n1000")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="only these variants")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
+                        help="only these variants (and the baseline, bert)")
     parser.add_argument("--workers", type=int, default=1, help="runs at a time (default 1)")
     parser.add_argument("--threads", type=int, help="CPU threads per run (default: cores / workers)")
     parser.add_argument("--deadline", type=float, help="stop after this many seconds, killing runs in flight")

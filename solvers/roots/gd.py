@@ -7,7 +7,7 @@ from torch import Tensor
 
 from .._base import FixedPointMap, RootFinder, RootInfo
 from ..registry import register_root_finder
-from ._common import IterationState, check_float
+from ._common import IterationState, check_float, per_sample
 
 
 @register_root_finder("gd")
@@ -15,10 +15,16 @@ class GradientDescent(RootFinder):
     """Minimise ``L(z) = 0.5 ||g(z) - z||^2`` per sample by (heavy-ball) gradient descent.
 
     ``dL/dz = (J_g - I)^T (g(z) - z)`` is one vector-Jacobian product through ``g`` (autograd); the
-    update is ``v <- momentum v + dL/dz``, ``z <- z - lr v``. The default ``lr = 0.5`` is stable for
-    every contraction: gradient descent is stable for ``lr < 2 / curvature``, and ``||J_g|| < 1``
-    bounds the curvature ``||J_g - I||^2`` below 4. When ``J_g`` is small a step is close to a Picard
-    step damped by ``lr``. Start ``z0`` at the explicit Euler step, as the paper does.
+    update is ``v <- momentum v + dL/dz``, ``z <- z - lr v``. Start ``z0`` at the explicit Euler step,
+    as the paper does.
+
+    A fixed ``lr`` is stable only below ``2 / curvature``, with curvature up to ``||J_g - I||^2``:
+    ``lr = 0.5`` is safe for every contraction (``||J_g|| < 1`` bounds it below 4) but diverges on
+    maps that are not contractions, such as pretrained transformer layers (RESULTS.md). So by default
+    (``backtrack=True``) a step that does not decrease a sample's residual is discarded and that
+    sample's step size halved (and its momentum dropped); the step size never grows back. This costs
+    nothing extra: the rejected evaluation counts as an iteration. ``backtrack=False`` is the paper's
+    plain fixed-step descent.
 
     When autograd is on and ``z0`` or ``g`` carries a graph, the iterations are built with
     ``create_graph=True`` so they can be backpropagated ("unroll"); otherwise they run on detached
@@ -31,11 +37,14 @@ class GradientDescent(RootFinder):
     ``newton_krylov`` reach the same root faster.
     """
 
-    def __init__(self, *, lr: float = 0.5, momentum: float = 0.0, tol: float | None = None,
-                 max_iter: int = 50, on_failure: str = "warn") -> None:
+    def __init__(self, *, lr: float = 0.5, momentum: float = 0.0, backtrack: bool = True,
+                 tol: float | None = None, max_iter: int = 50, on_failure: str = "warn") -> None:
         super().__init__(tol=tol, max_iter=max_iter, on_failure=on_failure)
         self.lr = check_float("lr", lr, 0.0, float("inf"), high_open=True)
         self.momentum = check_float("momentum", momentum, 0.0, 1.0, low_open=False, high_open=True)
+        if not isinstance(backtrack, bool):
+            raise ValueError(f"backtrack must be True or False, got {backtrack!r}")
+        self.backtrack = backtrack
 
     def _solve(self, g: FixedPointMap, z0: Tensor, tol: float) -> tuple[Tensor, RootInfo]:
         grad_on = torch.is_grad_enabled()
@@ -43,27 +52,45 @@ class GradientDescent(RootFinder):
             z_in = z0 if (grad_on and z0.requires_grad) else z0.detach().requires_grad_(True)
             state = IterationState(g, z_in, tol)
             graph = grad_on and (z0.requires_grad or _depends_on_more_than(state.gz, z_in))
-            z_eval, gz_eval = state.z, state.gz  # the latest evaluation, with its graph to differentiate
+            gradient = torch.zeros_like(state.z)  # dL/dz at the accepted iterate
+            if state.active.any():
+                gradient = _loss_gradient(state.z, state.gz, graph)
+                state.nvjp += 1
             if not graph:
                 state.detach()
+            lr = torch.full_like(state.abs_res, self.lr)
             velocity = torch.zeros_like(state.z)
-            for _ in range(self.max_iter):
+            for iteration in range(self.max_iter):
                 if not bool(state.active.any()):
                     break
-                residual = gz_eval - z_eval
-                vjp = _vjp(gz_eval, z_eval, residual if graph else residual.detach(), graph)
-                state.nvjp += 1
-                gradient = vjp - (residual if graph else residual.detach())
                 velocity = self.momentum * velocity + gradient
-                candidate = state.z - self.lr * velocity
+                candidate = state.z - per_sample(lr, velocity) * velocity
                 if not (graph and candidate.requires_grad):
                     candidate = candidate.detach().requires_grad_(True)
-                z_eval, gz_eval = state.evaluate(candidate)
-                if graph:
-                    state.accept(z_eval, gz_eval, state.active)
-                else:
-                    state.accept(z_eval.detach(), gz_eval.detach(), state.active)
+                z_new, gz_new = state.evaluate(candidate)
+                moving = state.active
+                if self.backtrack:
+                    abs_new, _ = state.residuals(z_new, gz_new)
+                    decreased = torch.isfinite(abs_new) & (abs_new < state.abs_res)
+                    rejected = moving & ~decreased
+                    moving = moving & decreased
+                    state.iterations = state.iterations + rejected.long()
+                    lr = torch.where(rejected, lr / 2, lr)
+                    velocity = torch.where(per_sample(rejected, velocity), 0.0, velocity)
+                moved = state.accept(z_new, gz_new, moving)
+                if bool(state.active.any()) and iteration + 1 < self.max_iter:
+                    gradient_new = _loss_gradient(z_new, gz_new, graph)
+                    state.nvjp += 1
+                    gradient = torch.where(per_sample(moved, gradient), gradient_new, gradient)
+                if not graph:
+                    state.detach()
         return state.result()
+
+
+def _loss_gradient(z: Tensor, gz: Tensor, graph: bool) -> Tensor:
+    """``dL/dz = (J_g - I)^T r`` with ``r = g(z) - z``: one VJP through the evaluation ``gz = g(z)``."""
+    residual = gz - z if graph else (gz - z).detach()
+    return _vjp(gz, z, residual, graph) - residual
 
 
 def _vjp(output: Tensor, inputs: Tensor, cotangent: Tensor, create_graph: bool) -> Tensor:
