@@ -78,7 +78,7 @@ class GradientDescent(RootFinder):
                     lr = torch.where(rejected, lr / 2, lr)
                     velocity = torch.where(per_sample(rejected, velocity), 0.0, velocity)
                 moved = state.accept(z_new, gz_new, moving)
-                if bool(state.active.any()) and iteration + 1 < self.max_iter:
+                if bool((moved & state.active).any()) and iteration + 1 < self.max_iter:
                     gradient_new = _loss_gradient(z_new, gz_new, graph)
                     state.nvjp += 1
                     gradient = torch.where(per_sample(moved, gradient), gradient_new, gradient)
