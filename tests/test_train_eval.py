@@ -313,6 +313,15 @@ def test_grid_runs_plan_in_parallel_and_pairs_by_seed(
     grid.main(argv)  # everything done: nothing is rerun, nothing appended
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 4
 
+    linked = tmp_path / "linked"  # finished runs linked into a new folder are recorded there, once
+    linked.mkdir()
+    (linked / "sst2-n16").symlink_to(tmp_path / "sst2-n16")
+    for _ in range(2):
+        grid.main(["--plan", "tiny", "--seeds", "1", "2", "--out", str(linked)])
+    relinked = [json.loads(line) for line in (linked / "results.jsonl").read_text().splitlines()]
+    assert sorted((r["variant"], r["seed"]) for r in relinked) == runs
+    assert all(r["seconds"] is None for r in relinked)
+
 
 def test_grid_filters_groups_and_variants(monkeypatch: pytest.MonkeyPatch) -> None:
     """``--groups`` / ``--variants`` keep only the named runs and the baseline they pair with, seeds still
@@ -327,6 +336,47 @@ def test_grid_filters_groups_and_variants(monkeypatch: pytest.MonkeyPatch) -> No
     assert len(grid.plan_jobs(["core"], [1])) == 6
     with pytest.raises(SystemExit):
         grid.main(["--plan", "core", "--groups", "sst2-n999"])
+    with pytest.raises(SystemExit, match="2"):  # im-layer is in no group of the core plan
+        grid.main(["--plan", "core", "--variants", "im-layer"])
+
+
+def test_im_select_stages_reuse_runs_and_keep_the_incumbent_on_ties(
+    tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bench/experiments/im_select.py: each stage starts from the previous choice (the shared run is not
+    retrained), ties keep the earlier candidate, and Δ is the per-example held-out difference."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench" / "experiments"))
+    import im_select
+
+    assert im_select.choose([50.0, 75.0, 75.0]) == 1 and im_select.choose([60.0, 60.0]) == 0
+    assert [c["layers"] for c in im_select.stages(6)[1][1]] == ["all", "0-2", "3-5", "0"]
+    monkeypatch.setattr(im_select, "stages", lambda num_layers: [
+        ("step", [{"field": "residual", "step": 0.5}, {"field": "residual", "step": 1.0}]),
+        ("iteration cap", [{"max_iter": 3}, {"max_iter": 2}]),
+    ])
+    monkeypatch.setattr(im_select, "START", {"layers": "all", "max_iter": 3})
+    settings = {"epochs": 1, "batch_size": 8, "max_length": 16, "lr": 1e-3, "tol": 1e-2}
+    argv = ["--out", str(tmp_path), "--model", tiny_model, "--data-dir", str(DATA_DIR),
+            "--train-samples", "32", "--set", json.dumps(settings)]
+    im_select.main(argv)
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    first, second = results["stages"]
+    accuracies = [e["heldout_acc"] for e in first["candidates"]]
+    assert first["chosen"] == first["candidates"][im_select.choose(accuracies)]["settings"]
+    assert second["candidates"][0]["settings"] == first["chosen"]  # the incumbent is the earlier choice
+    assert len([d for d in tmp_path.iterdir() if d.is_dir()]) == 3  # three distinct runs, one shared
+    for entry in second["candidates"]:
+        run = tmp_path / entry["run"]
+        config = json.loads((run / "train_config.json").read_text())
+        assert config["max_iter"] == entry["settings"]["max_iter"]
+        assert json.loads((run / "metrics.json").read_text())["heldout"]["splits"]["sst2"]["n"] == 8
+        ours = im_select.heldout_correct(run)
+        chosen = im_select.heldout_correct(tmp_path / im_select.run_name(second["chosen"]))
+        expected = statistics.fmean(ours) - statistics.fmean(chosen)
+        assert entry["diff_vs_chosen"]["mean"] == pytest.approx(expected)
+    assert results["chosen"] == second["chosen"]
+    assert "iteration cap" in im_select.format_table(results)
 
 
 def test_two_process_training_reports_once(tiny_model: str, tmp_path: Path) -> None:

@@ -3,7 +3,8 @@
 A group is one task and training size with named variants (BERT, EX-BERT, IM-BERT, IM-BERT with the
 paper's gradient-descent solver, ...), each run for every seed; the variants of a seed train on the same
 examples from the same classifier initialisation, so differences to BERT are paired by seed. Each run lives
-in ``OUT/<group>/<variant>-seed<seed>``: runs with a ``metrics.json`` are skipped, interrupted ones resumed.
+in ``OUT/<group>/<variant>-seed<seed>``: runs with a ``metrics.json`` are skipped (and recorded, with no wall
+time, if ``results.jsonl`` lacks them, e.g. runs linked in from another folder), interrupted ones resumed.
 After every finished run ``results.jsonl`` gets a line and ``summary.json`` and ``tables.md`` are rewritten
 atomically, so stopping (``--deadline``, Ctrl-C, a kill) loses only the runs in flight.
 
@@ -211,12 +212,16 @@ class Scheduler:
         self.threads = threads
         self.results: list[dict[str, Any]] = []
         self.pending: deque[Job] = deque()
+        recorded = self._recorded()
         for job in jobs:
             metrics_path = job.run_dir(out) / "metrics.json"
-            if metrics_path.is_file():
-                self.results.append(_result_line(job, json.loads(metrics_path.read_text()), None))
-            else:
+            if not metrics_path.is_file():
                 self.pending.append(job)
+                continue
+            line = _result_line(job, json.loads(metrics_path.read_text()), None)
+            self.results.append(line)
+            if (job.group.name, job.variant, job.seed) not in recorded:  # e.g. a run linked in from elsewhere
+                self._record(line)
         self.total = len(jobs)
         self.running: dict[Job, tuple[subprocess.Popen[bytes], float]] = {}
 
@@ -240,12 +245,22 @@ class Scheduler:
             return
         line = _result_line(job, json.loads(metrics_path.read_text()), seconds)
         self.results.append(line)
-        with open(self.out / "results.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(line) + "\n")
+        self._record(line)
         self.write_summary()
         clean, adv = (100 * line[m]["overall"] for m in METRICS)
         done = f"[{len(self.results)}/{self.total}]"
         print(f"{done} {label}: {seconds:.0f} s, clean {clean:.2f}, AdvGLUE {adv:.2f}", flush=True)
+
+    def _recorded(self) -> set[tuple[str, str, int]]:
+        """(group, variant, seed) of the runs ``results.jsonl`` already has a line for."""
+        path = self.out / "results.jsonl"
+        lines = path.read_text().splitlines() if path.is_file() else []
+        return {(r["group"], r["variant"], r["seed"]) for r in map(json.loads, filter(None, lines))}
+
+    def _record(self, line: dict[str, Any]) -> None:
+        """Append a finished run's line to ``results.jsonl`` (its wall time is null if not run here)."""
+        with open(self.out / "results.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
 
     def write_summary(self) -> None:
         summary = summarize_groups(self.results)
@@ -313,6 +328,11 @@ def main(argv: list[str] | None = None) -> None:
     known = {g.name for p in args.plan for g in PLANS[p]}
     if args.groups and not set(args.groups) <= known:
         parser.error(f"unknown group(s) {sorted(set(args.groups) - known)}; the plans have {sorted(known)}")
+    offered = {v for p in args.plan for g in PLANS[p] if not args.groups or g.name in args.groups
+               for v in g.variants}
+    if args.variants and not set(args.variants) <= offered:
+        parser.error(f"variant(s) {sorted(set(args.variants) - offered)} are in none of the selected groups, "
+                     f"which have {sorted(offered)}")
     jobs = plan_jobs(args.plan, args.seeds, args.groups, args.variants)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
     scheduler = Scheduler(out, jobs, args.workers, options, args.dev_samples, threads)
