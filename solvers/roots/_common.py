@@ -114,12 +114,14 @@ class IterationState:
         rel_res = abs_res / bnorm(gz).clamp_min(torch.finfo(abs_res.dtype).tiny)
         return abs_res, rel_res
 
-    def accept(self, z_new: Tensor, gz_new: Tensor, mask: Tensor) -> Tensor:
+    def accept(self, z_new: Tensor, gz_new: Tensor, mask: Tensor,
+               residuals: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Move the samples in ``mask`` to ``(z_new, gz_new)``; returns the mask of samples moved.
 
-        A sample whose new residual is not finite keeps its previous iterate and is marked diverged.
+        ``residuals`` are ``self.residuals(z_new, gz_new)`` if the caller has them already. A sample whose
+        new residual is not finite keeps its previous iterate and is marked diverged.
         """
-        abs_new, rel_new = self.residuals(z_new, gz_new)
+        abs_new, rel_new = residuals if residuals is not None else self.residuals(z_new, gz_new)
         finite = torch.isfinite(rel_new)
         moved = mask & finite
         self.diverged = self.diverged | (mask & ~finite)

@@ -69,15 +69,15 @@ class GradientDescent(RootFinder):
                     candidate = candidate.detach().requires_grad_(True)
                 z_new, gz_new = state.evaluate(candidate)
                 moving = state.active
+                residuals = state.residuals(z_new, gz_new)
                 if self.backtrack:
-                    abs_new, _ = state.residuals(z_new, gz_new)
-                    decreased = torch.isfinite(abs_new) & (abs_new < state.abs_res)
+                    decreased = torch.isfinite(residuals[0]) & (residuals[0] < state.abs_res)
                     rejected = moving & ~decreased
                     moving = moving & decreased
                     state.iterations = state.iterations + rejected.long()
                     lr = torch.where(rejected, lr / 2, lr)
                     velocity = torch.where(per_sample(rejected, velocity), 0.0, velocity)
-                moved = state.accept(z_new, gz_new, moving)
+                moved = state.accept(z_new, gz_new, moving, residuals)
                 if bool((moved & state.active).any()) and iteration + 1 < self.max_iter:
                     gradient_new = _loss_gradient(z_new, gz_new, graph)
                     state.nvjp += 1
