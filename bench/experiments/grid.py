@@ -50,6 +50,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
                     "solver_options": {"root_options": {"lr": 0.1, "backtrack": False}}},
     "ex-layer": {"variant": "ex", "field": "layer", "step": 1.0},  # the paper's framing, h + Layer(h)
     "im-layer": {"variant": "im", "field": "layer", "step": 1.0},
+    # the settings im_select.py chose on held-out data (MiniLM's upper half of layers, max_iter 10), and
+    # their explicit control on the same layers
+    "im-upper": {"variant": "im", "layers": "3-5", "max_iter": 10},
+    "ex-upper": {"variant": "ex", "layers": "3-5"},
 }
 
 
@@ -77,6 +81,7 @@ PLANS: dict[str, list[Group]] = {
         Group("sst2", 2000, ("im", "bert")),
         Group("sst2", 500, ("im", "bert", "ex")),
         Group("sst2", 1000, ("im-layer", "ex-layer")),
+        Group("sst2", 1000, ("im-upper", "ex-upper")),
     ],
 }
 
