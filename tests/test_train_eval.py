@@ -282,7 +282,7 @@ def test_cli_rejects_unknown_choices(capsys: pytest.CaptureFixture) -> None:
 
 
 def test_grid_runs_plan_in_parallel_and_pairs_by_seed(
-    tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     """bench/experiments/grid.py: two workers, every run recorded, Δ = mean of the per-seed differences."""
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench" / "experiments"))
@@ -321,6 +321,18 @@ def test_grid_runs_plan_in_parallel_and_pairs_by_seed(
     relinked = [json.loads(line) for line in (linked / "results.jsonl").read_text().splitlines()]
     assert sorted((r["variant"], r["seed"]) for r in relinked) == runs
     assert all(r["seconds"] is None for r in relinked)
+
+    # --report: tables from the records, the timed record of a run preferred; --pairs: variant - variant
+    capsys.readouterr()
+    both = [str(linked / "results.jsonl"), str(tmp_path / "results.jsonl")]
+    grid.main(["--report", *both, "--pairs", "im:bert"])
+    report = capsys.readouterr().out
+    assert "| sst2-n16 | im − bert | 2 |" in report
+    assert f"{expected:+.2f} [" in report.split("im − bert")[1]
+    records = grid.load_records([linked / "results.jsonl", tmp_path / "results.jsonl"])
+    assert len(records) == 4 and all(r["seconds"] is not None for r in records)
+    with pytest.raises(SystemExit):
+        grid.main(["--report", str(tmp_path / "results.jsonl"), "--pairs", "im-bert"])
 
 
 def test_grid_filters_groups_and_variants(monkeypatch: pytest.MonkeyPatch) -> None:

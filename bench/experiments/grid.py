@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ode_bert.compare import METRICS, NOT_TAKEN, summarize
+from ode_bert.compare import METRICS, NOT_TAKEN, paired_difference, summarize
 from ode_bert.train import CONFIG_FILE, atomic_open, write_json_atomic
 
 BASELINE = "bert"
@@ -173,16 +173,50 @@ def summarize_groups(results: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def _interval(d: dict[str, Any]) -> str:
+    """A paired difference as ``mean [low, high]`` (no interval with one seed)."""
+    if d["ci_low"] is None:
+        return f"{d['mean']:+.2f}"
+    return f"{d['mean']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]"
+
+
+def load_records(paths: list[Path]) -> list[dict[str, Any]]:
+    """The run records of ``results.jsonl`` files, one per (group, variant, seed): a record with a wall
+    time wins over one without (a run linked into a second folder is recorded there without one)."""
+    records: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for path in paths:
+        for line in filter(None, path.read_text().splitlines()):
+            record = json.loads(line)
+            key = (record["group"], record["variant"], record["seed"])
+            if key not in records or record["seconds"] is not None:
+                records[key] = record
+    return list(records.values())
+
+
+def format_pairs(results: list[dict[str, Any]], pairs: list[tuple[str, str]]) -> str:
+    """Markdown table of paired differences ``a - b`` between variants, per group, over their shared seeds."""
+    by_group: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
+    for r in results:
+        by_group.setdefault(r["group"], {}).setdefault(r["variant"], {})[r["seed"]] = r
+    out = ["| group | pair | seeds | Δ clean [95% CI] | Δ AdvGLUE [95% CI] |", "|---|---|---|---|---|"]
+    for name, runs in by_group.items():
+        for a, b in pairs:
+            seeds = sorted(set(runs.get(a, {})) & set(runs.get(b, {})))
+            if not seeds:
+                continue
+            cells = [_interval(paired_difference([100 * runs[a][s][m]["overall"] for s in seeds],
+                                                 [100 * runs[b][s][m]["overall"] for s in seeds]))
+                     for m in METRICS]
+            out.append(f"| {name} | {a} − {b} | {len(seeds)} | {cells[0]} | {cells[1]} |")
+    return "\n".join(out)
+
+
 def format_tables(summary: dict[str, Any]) -> str:
     """One markdown table per group (scores in %, Δ = paired difference to BERT with its 95% t CI)."""
 
     def diff(entry: dict[str, Any]) -> str:
         d = entry.get("diff")
-        if d is None:
-            return "baseline"
-        if d["ci_low"] is None:
-            return f"{d['mean']:+.2f}"
-        return f"{d['mean']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]"
+        return "baseline" if d is None else _interval(d)
 
     def spread(entry: dict[str, Any]) -> str:
         std = "" if entry["std"] is None else f" ± {entry['std']:.2f}"
@@ -319,7 +353,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dev-samples", type=int, help="score a stratified subset of each clean dev split")
     parser.add_argument("--set", default="{}", metavar="JSON",
                         help='further TrainConfig settings for every run, e.g. \'{"epochs": 3}\'')
+    parser.add_argument("--report", nargs="+", type=Path, metavar="JSONL",
+                        help="run nothing: print the tables of these results.jsonl records")
+    parser.add_argument("--pairs", nargs="+", default=[], metavar="A:B",
+                        help="with --report: also paired differences A - B between variants, e.g. im:ex")
     args = parser.parse_args(argv)
+    if args.report:
+        pairs = [(a, b) for a, _, b in (p.partition(":") for p in args.pairs)]
+        if any(not {a, b} <= set(VARIANTS) for a, b in pairs):
+            parser.error(f"--pairs takes A:B with A, B among {', '.join(VARIANTS)}; got {args.pairs}")
+        records = load_records(args.report)
+        print(format_tables(summarize_groups(records)))
+        if pairs:
+            print(format_pairs(records, pairs))
+        return
     if args.worker:
         payload = json.loads(args.worker)
         run_worker(payload["config"], payload["dev_samples"])
