@@ -78,7 +78,7 @@ PLANS: dict[str, list[Group]] = {
         Group("qnli", 1000, ("im", "bert")),
         Group("mnli", 1000, ("im", "bert")),
         Group("qqp", 1000, ("im", "bert")),
-        Group("sst2", 2000, ("im", "bert")),
+        Group("sst2", 2000, ("im", "bert", "ex")),
         Group("sst2", 500, ("im", "bert", "ex")),
         Group("sst2", 1000, ("im-layer", "ex-layer")),
         Group("sst2", 1000, ("im-upper", "ex-upper")),
