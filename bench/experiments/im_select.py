@@ -38,12 +38,15 @@ DEV_SAMPLES = 100  # dev is not used for choosing; a small subset keeps each run
 
 def stages(num_layers: int) -> list[tuple[str, list[dict[str, Any]]]]:
     """The stages of the search and their candidates, for an encoder of ``num_layers`` layers."""
-    half = max(1, num_layers // 2)
+    def span(first: int, last: int) -> str:
+        return str(first) if first == last else f"{first}-{last}"
+
+    half = num_layers // 2  # lower half, upper half, the first layer alone (each once)
+    subsets = list(dict.fromkeys([span(0, half - 1), span(half, num_layers - 1), "0"])) if half else []
     return [
         ("field and step", [{"field": "residual", "step": 1.0}, {"field": "residual", "step": 0.5},
                             {"field": "layer", "step": 0.25}]),
-        ("layers", [{"layers": "all"}, {"layers": f"0-{half - 1}"}, {"layers": f"{half}-{num_layers - 1}"},
-                    {"layers": "0"}]),
+        ("layers", [{"layers": "all"}, *({"layers": subset} for subset in subsets)]),
         ("iteration cap", [{"max_iter": 10}, {"max_iter": 5}, {"max_iter": 20}]),
     ]
 
