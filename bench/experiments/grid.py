@@ -136,13 +136,18 @@ def _result_line(job: Job, metrics: dict[str, Any], seconds: float | None) -> di
     return line
 
 
-def summarize_groups(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per group: mean, std and paired difference to BERT over the seeds each variant shares with BERT."""
+def by_group(results: list[dict[str, Any]]) -> dict[str, dict[str, dict[int, dict[str, Any]]]]:
+    """Run records as group -> variant -> seed -> record."""
     groups: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
     for r in results:
         groups.setdefault(r["group"], {}).setdefault(r["variant"], {})[r["seed"]] = r
+    return groups
+
+
+def summarize_groups(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per group: mean, std and paired difference to BERT over the seeds each variant shares with BERT."""
     summary: dict[str, Any] = {}
-    for name, by_variant in groups.items():
+    for name, by_variant in by_group(results).items():
         baseline_seeds = set(by_variant.get(BASELINE, {}))
         scores = {
             v: {s: {m: r[m]["overall"] for m in METRICS} for s, r in runs.items() if s in baseline_seeds}
@@ -195,11 +200,8 @@ def load_records(paths: list[Path]) -> list[dict[str, Any]]:
 
 def format_pairs(results: list[dict[str, Any]], pairs: list[tuple[str, str]]) -> str:
     """Markdown table of paired differences ``a - b`` between variants, per group, over their shared seeds."""
-    by_group: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
-    for r in results:
-        by_group.setdefault(r["group"], {}).setdefault(r["variant"], {})[r["seed"]] = r
     out = ["| group | pair | seeds | Δ clean [95% CI] | Δ AdvGLUE [95% CI] |", "|---|---|---|---|---|"]
-    for name, runs in by_group.items():
+    for name, runs in by_group(results).items():
         for a, b in pairs:
             seeds = sorted(set(runs.get(a, {})) & set(runs.get(b, {})))
             if not seeds:
@@ -293,8 +295,8 @@ class Scheduler:
     def _recorded(self) -> set[tuple[str, str, int]]:
         """(group, variant, seed) of the runs ``results.jsonl`` already has a line for."""
         path = self.out / "results.jsonl"
-        lines = path.read_text().splitlines() if path.is_file() else []
-        return {(r["group"], r["variant"], r["seed"]) for r in map(json.loads, filter(None, lines))}
+        records = load_records([path]) if path.is_file() else []
+        return {(r["group"], r["variant"], r["seed"]) for r in records}
 
     def _record(self, line: dict[str, Any]) -> None:
         """Append a finished run's line to ``results.jsonl`` (its wall time is null if not run here)."""

@@ -24,9 +24,9 @@ from typing import Any
 from transformers import AutoConfig
 
 from ode_bert.compare import paired_difference
-from ode_bert.evaluate import PREDICTIONS_FILE, evaluate
+from ode_bert.evaluate import METRICS_FILE, PREDICTIONS_FILE, evaluate
 from ode_bert.pretrained import resolve_model_path
-from ode_bert.train import TrainConfig, train, write_json_atomic
+from ode_bert.train import CONFIG_FILE, TrainConfig, train, write_json_atomic
 
 # Settings of the first stage's runs that a later stage chooses.
 START: dict[str, Any] = {"layers": "all", "max_iter": 10}
@@ -71,9 +71,9 @@ def heldout_correct(run_dir: Path) -> list[float]:
 
 def fine_tune(run_dir: Path, options: dict[str, Any]) -> dict[str, Any]:
     """Train and evaluate one candidate (skipped when its metrics already exist); its metrics."""
-    metrics_path = run_dir / "metrics.json"
+    metrics_path = run_dir / METRICS_FILE
     if not metrics_path.is_file():
-        resume = (run_dir / "train_config.json").is_file()
+        resume = (run_dir / CONFIG_FILE).is_file()
         start = time.perf_counter()
         config = TrainConfig(output_dir=str(run_dir), resume=resume, **options)
         evaluate(train(config), dev_samples=DEV_SAMPLES)
