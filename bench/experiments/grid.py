@@ -71,13 +71,14 @@ class Group:
 
 
 # A plan's groups run in order; a group may add variants to one of an earlier plan (same name, same runs).
+# Every group with "im" has "ex", its explicit control at the same step.
 PLANS: dict[str, list[Group]] = {
     "core": [Group("sst2", 1000, ("im", "bert", "ex")), Group("rte", 1000, ("im", "bert", "ex"))],
     "extensions": [
         Group("sst2", 1000, ("im-gd", "im-gd-lr0.1", "im-gd-fixed")),
-        Group("qnli", 1000, ("im", "bert")),
-        Group("mnli", 1000, ("im", "bert")),
-        Group("qqp", 1000, ("im", "bert")),
+        Group("qnli", 1000, ("im", "bert", "ex")),
+        Group("mnli", 1000, ("im", "bert", "ex")),
+        Group("qqp", 1000, ("im", "bert", "ex")),
         Group("sst2", 2000, ("im", "bert", "ex")),
         Group("sst2", 500, ("im", "bert", "ex")),
         Group("sst2", 1000, ("im-layer", "ex-layer")),
