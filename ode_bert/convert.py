@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 import solvers
-from solvers import ConvergenceError, ConvergenceWarning, Method, StepInfo
+from solvers import ConvergenceError, ConvergenceWarning, Method, RootInfo, StepInfo
 from solvers._registry import option_names
 from solvers.registry import METHODS
 
@@ -448,7 +448,11 @@ def reapply(model: nn.Module) -> nn.Module:
 
 @dataclass(frozen=True)
 class LayerStats:
-    """Solver statistics of one converted layer in the last forward (iterations/residual: max over batch)."""
+    """Solver statistics of one converted layer in the last forward (iterations/residual: max over batch).
+
+    ``root`` keeps the implicit solve's per-sample record (iterations, residuals, converged; one entry per
+    sequence of the batch), e.g. to find the inputs whose equation did not converge.
+    """
 
     layer: int
     solver: str
@@ -457,6 +461,7 @@ class LayerStats:
     residual: float | None
     converged: bool
     tol: float | None = None  # the tolerance the solve used (raised under autocast; RootFinder.tolerance)
+    root: RootInfo | None = None  # per-sample record of the implicit solve; None for explicit/adaptive
 
 
 def solver_stats(model: nn.Module) -> list[LayerStats]:
@@ -476,6 +481,7 @@ def solver_stats(model: nn.Module) -> list[LayerStats]:
                 residual=root.max_rel_residual if root is not None else None,
                 converged=root.all_converged if root is not None else True,
                 tol=root.tol if root is not None else None,
+                root=root,
             )
         )
     return stats

@@ -266,6 +266,32 @@ def test_implicit_euler_tiny_equation_stats_and_warnings() -> None:
         model(**inputs)
 
 
+@needs("implicit_euler")
+def test_solver_stats_keep_the_per_sample_record() -> None:
+    """``LayerStats.root`` holds each sequence's own residual, recomputed here from the stock layer."""
+    inputs = batch()
+    model = tiny()
+    convert(model, "implicit_euler", field="layer", step=0.5, root="picard", tol=1e-9, max_iter=2,
+            on_failure="ignore")
+    with torch.no_grad():
+        hidden = model(**inputs, output_hidden_states=True).hidden_states
+    layers = find_layers(tiny())
+    real = inputs["attention_mask"][..., None].bool()
+    for index, stat in enumerate(solver_stats(model)):
+        with torch.no_grad():
+            g = hidden[index] + 0.5 * layers[index](hidden[index + 1], inputs_mask(inputs))
+        gap = (g - hidden[index + 1]).where(real, 0).flatten(1).norm(dim=1)
+        residual = gap / g.where(real, 0).flatten(1).norm(dim=1)
+        assert stat.root is not None and stat.root.rel_residual.shape == (len(residual),)
+        assert torch.allclose(stat.root.rel_residual, residual, rtol=1e-3)
+        assert stat.residual == pytest.approx(float(residual.max()), rel=1e-3)
+        assert stat.iterations == int(stat.root.iterations.max()) and not stat.root.converged.any()
+    convert(model, "euler")
+    with torch.no_grad():
+        model(**inputs)
+    assert all(s.root is None for s in solver_stats(model))
+
+
 def grad_cases() -> list:
     cases = [pytest.param("euler", {}, id="euler")]
     if "implicit_euler" in solvers.available():
