@@ -100,12 +100,19 @@ def summarize_solver(log: Sequence[LayerStats]) -> dict[str, Any] | None:
         return None
     residuals = [s.residual for s in log if s.residual is not None]
     tols = [s.tol for s in log if s.tol is not None]
+    # a layer solve covers a batch and converges only if every example in it does; per example is finer
+    per_example = [s.root.converged for s in log if s.root is not None]
+    example_solves = sum(c.numel() for c in per_example)
     return {
         "layer_solves": len(log),
         "mean_iterations": sum(s.iterations for s in log) / len(log),
         "max_iterations": max(s.iterations for s in log),
         "max_rel_residual": max(residuals) if residuals else None,
         "converged_fraction": sum(s.converged for s in log) / len(log),
+        "example_solves": example_solves,
+        "example_converged_fraction": (
+            sum(int(c.sum()) for c in per_example) / example_solves if example_solves else None
+        ),
         "tol": max(tols) if tols else None,
     }
 
@@ -202,4 +209,13 @@ def format_metrics(metrics: dict[str, Any]) -> str:
             f1 = f"{100 * m['f1']:7.2f}" if "f1" in m else f"{'':>7}"
             lines.append(f"{name:<8} {split:<8} {m['n']:>5} {100 * m['accuracy']:7.2f} {f1}")
         lines.append(f"{name:<8} {'score':<8} {'':>5} {100 * metrics[name]['overall']:7.2f}")
+    for name in ("heldout", "clean", "advglue"):
+        solver = metrics.get(name, {}).get("solver")
+        if solver and solver.get("example_converged_fraction") is not None:
+            lines.append(
+                f"{name} implicit solves: {100 * solver['example_converged_fraction']:.0f}% of "
+                f"{solver['example_solves']} (example, layer) solves converged to tol {solver['tol']:.0e}, "
+                f"{solver['mean_iterations']:.1f} iterations per batch solve on average, "
+                f"max relative residual {solver['max_rel_residual']:.1e}"
+            )
     return "\n".join(lines)

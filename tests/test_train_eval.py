@@ -24,11 +24,20 @@ from transformers import (
 )
 
 import ode_bert
+import solvers
 from ode_bert import cli, data
 from ode_bert import train as train_module
 from ode_bert.compare import paired_difference
+from ode_bert.convert import LayerStats
 from ode_bert.data import load_advglue
-from ode_bert.evaluate import evaluate, official_scores, predict, split_metrics
+from ode_bert.evaluate import (
+    evaluate,
+    format_metrics,
+    official_scores,
+    predict,
+    split_metrics,
+    summarize_solver,
+)
 from ode_bert.train import TrainConfig, train
 
 DATA_DIR = Path(os.environ.get(data.DATA_DIR_ENV) or Path(__file__).resolve().parents[1] / "../shared/data")
@@ -93,6 +102,29 @@ def test_split_metrics_and_official_scoring_by_hand() -> None:
     assert scores["overall"] == pytest.approx(sum(expected.values()) / 3)
 
 
+def test_solver_summary_counts_batches_and_examples_by_hand() -> None:
+    """A batch solve converges only if all its examples do; the per-example fraction counts each one."""
+
+    def layer(index: int, converged: list[bool], iterations: list[int]) -> LayerStats:
+        residuals = torch.tensor([1e-5 if c else 0.25 for c in converged])  # 0.25: exact in float32
+        root = solvers.RootInfo(
+            iterations=torch.tensor(iterations), nfev=max(iterations) + 1, abs_residual=residuals,
+            rel_residual=residuals, converged=torch.tensor(converged), tol=1e-4,
+        )
+        return LayerStats(index, "implicit_euler", root.nfev, max(iterations), root.max_rel_residual,
+                          root.all_converged, root.tol, root)
+
+    summary = summarize_solver([layer(0, [True, False, True], [3, 20, 5]), layer(1, [True, True], [4, 6])])
+    assert summary == {
+        "layer_solves": 2, "mean_iterations": (20 + 6) / 2, "max_iterations": 20, "max_rel_residual": 0.25,
+        "converged_fraction": 1 / 2, "example_solves": 5, "example_converged_fraction": 4 / 5, "tol": 1e-4,
+    }
+    metrics = {"advglue": {"splits": {"sst2": {"n": 3, "accuracy": 1.0}}, "overall": 1.0, "solver": summary}}
+    assert "advglue implicit solves: 80% of 5 (example, layer) solves converged" in format_metrics(metrics)
+    metrics["advglue"]["solver"] = summarize_solver([])  # a model without ODE layers prints no solver line
+    assert "implicit solves" not in format_metrics(metrics)
+
+
 def test_train_and_evaluate_end_to_end(tiny_model: str, tmp_path: Path) -> None:
     run_dir = train(_config(tiny_model, tmp_path / "run", task="qqp"))  # 16 examples, batch 8: 2 steps
     assert json.loads((run_dir / "train_config.json").read_text())["task"] == "qqp"
@@ -119,6 +151,8 @@ def test_train_and_evaluate_end_to_end(tiny_model: str, tmp_path: Path) -> None:
     solver = metrics["advglue"]["solver"]  # 78 AdvGLUE items = 2 batches of <= 64, each solving 2 IM layers
     assert solver["layer_solves"] == 4 and 0 <= solver["mean_iterations"] <= solver["max_iterations"] <= 8
     assert (solver["converged_fraction"] == 1.0) == (solver["max_rel_residual"] <= FAST_IM["tol"])
+    assert solver["example_solves"] == 2 * 78 and 0 <= solver["example_converged_fraction"] <= 1
+    assert (solver["example_converged_fraction"] == 1.0) == (solver["converged_fraction"] == 1.0)
     # The AdvGLUE labels scored are those of the real file.
     advglue = json.loads((DATA_DIR / "advglue" / "dev.json").read_text())["qqp"]
     assert predictions["advglue"]["qqp"]["labels"] == [item["label"] for item in advglue]
