@@ -6,6 +6,7 @@
 * ``perturbation``: layer-by-layer growth of input perturbations (noise, gradient worst case, AdvGLUE
   substitutions) per solver, and the linear-field check ``growth == |R(h*lambda)|``.
 * ``spectra``: matrix-free spectral norm, log norm and leading eigenvalues of layer Jacobians.
+* ``solves``: per-input iterations, residuals and convergence of a converted model's implicit solves.
 * ``cli``: the ``ode-bert analyze`` subcommand.
 """
 
@@ -18,6 +19,7 @@ from .perturbation import (
     step_growth,
 )
 from .regions import plot_stability_region
+from .solves import ExampleSolves, example_solves
 from .spectra import (
     JacobianOperator,
     Spectrum,
@@ -29,10 +31,12 @@ from .spectra import (
 )
 
 __all__ = [
+    "ExampleSolves",
     "GrowthCurve",
     "JacobianOperator",
     "Spectrum",
     "StabilityFunction",
+    "example_solves",
     "jacobian_spectrum",
     "layer_spectra",
     "leading_eigenvalues",

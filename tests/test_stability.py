@@ -20,6 +20,7 @@ from solvers import ButcherTableau, Method
 from solvers.registry import METHODS
 from stability_analysis import (
     JacobianOperator,
+    example_solves,
     leading_eigenvalues,
     linear_field_growth,
     log_norm,
@@ -343,3 +344,30 @@ def test_analyze_cli_writes_plots_and_json(tmp_path, minilm) -> None:
     bad = parser.parse_args(["analyze", "--solvers", "euler,nope", "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="unknown solver"):
         bad.handler(bad)
+
+
+def test_example_solves_match_each_input_solved_alone() -> None:
+    """Rows follow the inputs across batches: batched records equal each input's record solved on its own."""
+    from ode_bert import im_bert
+    from ode_bert.pretrained import load_model
+
+    torch.manual_seed(0)
+    model, tokenizer = load_model(None, num_labels=2)
+    # 3 iterations: most solves stop short of tol, so the residuals compared are well above float noise
+    im_bert(model, layers="1-2", max_iter=3, on_failure="ignore")
+    texts = [*SENTENCES, ("is the budget approved ?", "the committee approved the budget .")]
+    batched = example_solves(model, tokenizer, texts, max_length=24, batch_size=3)
+    alone = [example_solves(model, tokenizer, [text], max_length=24) for text in texts]
+    assert batched.layers == [1, 2] and batched.iterations.shape == (len(texts), 2)
+    for name in ("iterations", "converged"):
+        assert torch.equal(getattr(batched, name), torch.cat([getattr(a, name) for a in alone]))
+    residuals = torch.cat([a.rel_residual for a in alone])
+    print("relative residuals per input and layer", residuals)
+    assert len(set(residuals[:, 0].tolist())) == len(texts)  # distinct per input, so rows cannot be swapped
+    torch.testing.assert_close(batched.rel_residual, residuals, rtol=1e-3, atol=0)
+    assert torch.equal(batched.predictions, torch.cat([a.predictions for a in alone]))
+    assert torch.equal(batched.total_iterations, batched.iterations.sum(1))
+    assert torch.equal(batched.all_converged, batched.converged.all(1))
+    stock, _ = load_model(None)
+    with pytest.raises(ValueError, match="no implicit layer"):
+        example_solves(stock, tokenizer, texts)

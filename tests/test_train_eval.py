@@ -453,3 +453,47 @@ def test_atomic_open_replaces_only_on_success(tmp_path: Path) -> None:
         f.write("half-writ")
         raise RuntimeError("interrupted")
     assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+
+
+def test_solve_difficulty_counts_agree_with_evaluation(
+    tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bench/experiments/solve_difficulty.py on a trained IM run: its converged/unconverged accuracies
+    recombine to ``evaluate``'s AdvGLUE accuracy, and its changed-prediction share to ``predict``'s."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench" / "experiments"))
+    import solve_difficulty
+
+    from stability_analysis.perturbation import advglue_pairs
+
+    run_dir = train(_config(tiny_model, tmp_path / "run", max_iter=4, tol=5e-3))  # some solves stop short
+    pairs = advglue_pairs("sst2", DATA_DIR)
+    model = ode_bert.from_pretrained(run_dir / "model", AutoModelForSequenceClassification).eval()
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
+    # Centre the tiny model's logit margin on the originals, so that its predictions split and substitutions
+    # can flip them (trained on 16 examples it predicts one class throughout).
+    originals = [p[0] for p in pairs]
+    inputs = tokenizer(originals, padding=True, truncation=True, max_length=32, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        model.classifier.bias[1] -= (logits[:, 1] - logits[:, 0]).median()
+    model.save_pretrained(run_dir / "model")
+
+    metrics = evaluate(run_dir, dev_samples=16)
+    out = tmp_path / "difficulty.json"
+    solve_difficulty.main([str(run_dir), str(run_dir), "--out", str(out)])
+    first, second = json.loads(out.read_text())
+    assert first["splits"] == second["splits"]  # the same run measured twice: deterministic
+    sst2 = first["splits"]["sst2"]
+    assert sst2["pairs"] == len(pairs) == 131
+    groups = sst2["advglue"].values()
+    assert sum(g["n"] for g in groups) == 148 and all(g["n"] for g in groups)  # both kinds occur
+    recombined = sum(g["n"] * g["accuracy"] for g in groups) / 148
+    assert recombined == pytest.approx(100 * metrics["advglue"]["splits"]["sst2"]["accuracy"])
+
+    original, adversarial = (
+        predict(model, tokenizer, [data.Example(p[i], None, 0) for p in pairs], max_length=32) for i in (0, 1)
+    )
+    changed = 100 * sum(a != b for a, b in zip(original, adversarial)) / len(pairs)
+    assert changed > 0 and sst2["flipped"] == pytest.approx(changed)
+    for side in ("original", "adversarial"):
+        assert 0 < sst2[side]["iterations"] <= 2 * 4 and 0 <= sst2[side]["converged"] <= 100
