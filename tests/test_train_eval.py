@@ -483,6 +483,8 @@ def test_solve_difficulty_counts_agree_with_evaluation(
     solve_difficulty.main([str(run_dir), str(run_dir), "--out", str(out)])
     first, second = json.loads(out.read_text())
     assert first["splits"] == second["splits"]  # the same run measured twice: deterministic
+    report = solve_difficulty.format_report([first, second])
+    assert "### sst2: 131 original/adversarial pairs, 2 runs" in report
     sst2 = first["splits"]["sst2"]
     assert sst2["pairs"] == len(pairs) == 131
     groups = sst2["advglue"].values()

@@ -10,6 +10,7 @@ whose solves did not.
 
     python bench/experiments/solve_difficulty.py runs/grid_cpu/sst2-n1000/im-seed{1,2,3,4,5} \\
         --out runs/solve_difficulty.json
+    python bench/experiments/solve_difficulty.py --report runs/solve_difficulty.json   # the tables again
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ from ode_bert.train import CONFIG_FILE, MODEL_DIR, write_json_atomic
 from stability_analysis import ExampleSolves, example_solves
 from stability_analysis.perturbation import advglue_pairs
 
-# (key, label) of the per-pair means compared between original and adversarial inputs
-PAIRED = [("iterations", "iterations over the implicit layers"), ("max_residual", "worst relative residual"),
-          ("converged", "inputs with every solve converged (%)")]
+# (key, label, number format) of the per-pair means compared between original and adversarial inputs
+PAIRED = [("iterations", "iterations over the implicit layers", ".2f"),
+          ("max_residual", "worst relative residual", ".2e"),
+          ("converged", "inputs with every solve converged (%)", ".2f")]
 
 
 def _means(solves: ExampleSolves) -> dict[str, float]:
@@ -77,10 +79,10 @@ def measure_run(run_dir: Path, data_dir: str | None, batch_size: int) -> dict[st
     return result
 
 
-def _interval(values: list[float], baseline: list[float]) -> str:
+def _interval(values: list[float], baseline: list[float], spec: str = ".2f") -> str:
     d = paired_difference(values, baseline)
-    interval = "" if d["ci_low"] is None else f" [{d['ci_low']:+.3g}, {d['ci_high']:+.3g}]"
-    return f"{d['mean']:+.3g}{interval}"
+    interval = "" if d["ci_low"] is None else f" [{d['ci_low']:+{spec}}, {d['ci_high']:+{spec}}]"
+    return f"{d['mean']:+{spec}}{interval}"
 
 
 def format_report(runs: list[dict[str, Any]]) -> str:
@@ -91,11 +93,11 @@ def format_report(runs: list[dict[str, Any]]) -> str:
         lines += [f"### {split}: {rows[0]['pairs']} original/adversarial pairs, {len(runs)} runs", "",
                   "| per input, mean over pairs | original | adversarial | Δ adv. − orig. [95% CI] |",
                   "|---|---|---|---|"]
-        for key, label in PAIRED:
+        for key, label, spec in PAIRED:
             orig = [r["original"][key] for r in rows]
             adv = [r["adversarial"][key] for r in rows]
-            lines.append(f"| {label} | {statistics.fmean(orig):.3g} | {statistics.fmean(adv):.3g} "
-                         f"| {_interval(adv, orig)} |")
+            lines.append(f"| {label} | {statistics.fmean(orig):{spec}} | {statistics.fmean(adv):{spec}} "
+                         f"| {_interval(adv, orig, spec)} |")
         flipped = [r["flipped"] for r in rows]
         lines += ["", f"Predictions changed by the perturbation: {statistics.fmean(flipped):.1f}% of pairs "
                   f"(runs: {', '.join(f'{f:.1f}' for f in flipped)}).", ""]
@@ -114,11 +116,18 @@ def format_report(runs: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="run directories of fine-tuned IM models")
+    parser.add_argument("runs", nargs="*", type=Path, help="run directories of fine-tuned IM models")
     parser.add_argument("--data-dir", help="data directory (default: the run's, else ../shared/data)")
     parser.add_argument("--batch-size", type=int, default=64, help="inputs per forward (default 64)")
     parser.add_argument("--out", type=Path, help="write the per-run numbers here (JSON)")
+    parser.add_argument("--report", type=Path, metavar="JSON",
+                        help="run nothing: print the tables of an --out file")
     args = parser.parse_args(argv)
+    if args.report:
+        print(format_report(json.loads(args.report.read_text())))
+        return
+    if not args.runs:
+        parser.error("name at least one run directory (or --report JSON)")
     for run_dir in args.runs:
         if not (run_dir / MODEL_DIR / "config.json").is_file():
             parser.error(f"{run_dir} is not a finished training run (expected {MODEL_DIR}/config.json)")
