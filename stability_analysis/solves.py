@@ -46,7 +46,7 @@ def example_solves(
 
     ``texts`` are sentences or (sentence, sentence) pairs. A sequence's solve does not depend on the others
     in its batch (padding is held fixed and every root finder stops per sample), so ``batch_size`` changes
-    only the speed. Raises ``ValueError`` if ``model`` has no implicit layer.
+    only the speed, up to floating-point rounding. Raises ``ValueError`` if ``model`` has no implicit layer.
     """
     from ode_bert.convert import solver_stats
 
