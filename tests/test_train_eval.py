@@ -485,6 +485,9 @@ def test_solve_difficulty_counts_agree_with_evaluation(
     assert first["splits"] == second["splits"]  # the same run measured twice: deterministic
     report = solve_difficulty.format_report([first, second])
     assert "### sst2: 131 original/adversarial pairs, 2 runs" in report
+    monkeypatch.setattr(solve_difficulty, "measure_run", lambda *args: pytest.fail("measured again"))
+    solve_difficulty.main([str(run_dir), "--out", str(out)])  # resumes: the run is in --out already
+    assert json.loads(out.read_text()) == [first]
     sst2 = first["splits"]["sst2"]
     assert sst2["pairs"] == len(pairs) == 131
     groups = sst2["advglue"].values()

@@ -6,7 +6,8 @@ solver settings. Per run: the mean over pairs of the iterations summed over the 
 relative residual, the share of inputs whose solves all converged, and the share of pairs whose prediction
 the perturbation changed; over runs, adversarial minus original with a 95% t interval (one run per seed).
 Also per run: AdvGLUE accuracy (all of ``dev.json``) of the examples whose solves converged and of those
-whose solves did not.
+whose solves did not. Each run's numbers are written to ``--out`` as soon as it is measured; calling again
+with the same ``--out`` measures only the runs not yet in it.
 
     python bench/experiments/solve_difficulty.py runs/grid_cpu/sst2-n1000/im-seed{1,2,3,4,5} \\
         --out runs/solve_difficulty.json
@@ -132,10 +133,13 @@ def main(argv: list[str] | None = None) -> None:
         if not (run_dir / MODEL_DIR / "config.json").is_file():
             parser.error(f"{run_dir} is not a finished training run (expected {MODEL_DIR}/config.json)")
     warnings.filterwarnings("ignore", category=solvers.ConvergenceWarning)  # counted, not printed
+    # an interrupted call resumes: runs already in --out are kept, not measured again
+    done = {r["run"]: r for r in json.loads(args.out.read_text())} if args.out and args.out.is_file() else {}
     runs = []
     for index, run_dir in enumerate(args.runs, 1):
-        runs.append(measure_run(run_dir, args.data_dir, args.batch_size))
-        print(f"[{index}/{len(args.runs)}] {run_dir}", flush=True)
+        kept = done.get(str(run_dir))
+        runs.append(kept if kept is not None else measure_run(run_dir, args.data_dir, args.batch_size))
+        print(f"[{index}/{len(args.runs)}] {run_dir}{' (kept from --out)' if kept else ''}", flush=True)
         if args.out:
             write_json_atomic(args.out, runs)
     print(format_report(runs))
