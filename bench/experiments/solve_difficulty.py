@@ -41,6 +41,7 @@ PAIRED = [("iterations", "iterations over the implicit layers", ".2f"),
 
 
 def _means(solves: ExampleSolves) -> dict[str, float]:
+    """The per-input quantities of ``PAIRED``, averaged over the inputs of one pass."""
     return {
         "iterations": float(solves.total_iterations.double().mean()),
         "max_residual": float(solves.rel_residual.max(dim=1).values.double().mean()),
