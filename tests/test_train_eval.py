@@ -456,7 +456,7 @@ def test_atomic_open_replaces_only_on_success(tmp_path: Path) -> None:
 
 
 def test_solve_difficulty_counts_agree_with_evaluation(
-    tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     """bench/experiments/solve_difficulty.py on a trained IM run: its converged/unconverged accuracies
     recombine to ``evaluate``'s AdvGLUE accuracy, and its changed-prediction share to ``predict``'s."""
@@ -485,6 +485,11 @@ def test_solve_difficulty_counts_agree_with_evaluation(
     assert first["splits"] == second["splits"]  # the same run measured twice: deterministic
     report = solve_difficulty.format_report([first, second])
     assert "### sst2: 131 original/adversarial pairs, 2 runs" in report
+    capsys.readouterr()
+    solve_difficulty.main(["--report", str(out)])  # the tables again, from the file alone
+    assert capsys.readouterr().out == report + "\n"
+    with pytest.raises(SystemExit):
+        solve_difficulty.main([])  # neither runs nor --report
     monkeypatch.setattr(solve_difficulty, "measure_run", lambda *args: pytest.fail("measured again"))
     solve_difficulty.main([str(run_dir), "--out", str(out)])  # resumes: the run is in --out already
     assert json.loads(out.read_text()) == [first]
