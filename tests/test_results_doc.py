@@ -1,0 +1,107 @@
+"""RESULTS.md's tables against the committed run records they say they come from.
+
+Each section of RESULTS.md that shows a ``grid.py --report FILES [--pairs A:B ...]`` command is checked
+against what that command prints: every summary row (``| variant | seeds | ...``, possibly without its
+trailing columns) and every paired row (``| a − b | ...``, with or without the group and seed columns)
+must be printed by it, bold markup aside, and every per-seed cell ``clean / AdvGLUE`` must be that seed's
+scores in the records. A number edited by hand, or records changed without the text, fails here.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench" / "experiments"))
+
+import grid  # noqa: E402
+
+TASKS = {"SST-2": "sst2", "RTE": "rte", "QNLI": "qnli", "MNLI": "mnli", "QQP": "qqp"}
+
+
+def report_sections() -> list[tuple[str, str, list[list[str]]]]:
+    """(title, text, arguments of each ``--report`` command) of the RESULTS.md sections that have one."""
+    found = []
+    for section in re.split(r"\n(?=## )", (REPO / "RESULTS.md").read_text()):
+        joined = re.sub(r"\\\n\s*", " ", section)  # shell line continuations
+        commands = [shlex.split(c) for c in re.findall(r"grid\.py --report ([^\n#]*)", joined)]
+        if commands:
+            found.append((section.splitlines()[0].lstrip("# "), section, commands))
+    return found
+
+
+SECTIONS = report_sections()
+
+
+def run_report(commands: list[list[str]]) -> tuple[list[dict[str, Any]], str]:
+    """The records the commands read and the text they print."""
+    records: list[dict[str, Any]] = []
+    printed = []
+    for args in commands:
+        split = args.index("--pairs") if "--pairs" in args else len(args)
+        loaded = grid.load_records([REPO / a for a in args[:split]])
+        printed.append(grid.format_tables(grid.summarize_groups(loaded)))
+        pairs = [tuple(p.split(":")) for p in args[split + 1:]]
+        if pairs:
+            printed.append(grid.format_pairs(loaded, pairs))
+        records += loaded
+    return records, "\n".join(printed)
+
+
+def cells(row: str) -> tuple[str, ...]:
+    """The cells of a markdown table row, bold markup removed."""
+    return tuple(c.strip().replace("**", "") for c in row.strip().strip("|").split("|"))
+
+
+def header_column(header: str) -> tuple[str | None, str]:
+    """A per-seed table's column header, ``"SST-2 im"`` or ``"im"``, as (task or None, variant)."""
+    words = header.split()
+    return (TASKS[words[0]], words[1]) if len(words) == 2 else (None, words[0])
+
+
+def test_report_sections_are_found() -> None:
+    """The parser sees the report commands (otherwise the test below would check nothing)."""
+    assert len(SECTIONS) >= 5
+    assert all(commands for _, _, commands in SECTIONS)
+
+
+@pytest.mark.parametrize(("title", "section", "commands"), SECTIONS, ids=[s[0][:48] for s in SECTIONS])
+def test_tables_are_the_records(title: str, section: str, commands: list[list[str]]) -> None:
+    records, printed = run_report(commands)
+    printed_rows = [cells(line) for line in printed.splitlines() if line.startswith("| ")]
+    summary_rows = {row for row in printed_rows if row[0] in grid.VARIANTS}
+    pair_rows = {row for row in printed_rows if " − " in row[1]}
+    short_pairs = {(group_row[1], group_row[3], group_row[4]) for group_row in pair_rows}
+    checked = 0
+    seed_header: tuple[str, ...] | None = None
+    for line in section.splitlines():
+        if not line.startswith("| ") or line.startswith("|---"):
+            continue
+        row = cells(line)
+        if row[0] == "seed":
+            seed_header = row
+        elif row[0] in grid.VARIANTS:
+            assert any(printed[:len(row)] == row for printed in summary_rows), \
+                f"{title}: summary row not printed by the report: {line}"
+        elif " − " in row[0]:
+            assert row in short_pairs, f"{title}: paired row not printed by the report: {line}"
+        elif len(row) > 1 and " − " in row[1]:
+            assert row in pair_rows, f"{title}: paired row not printed by the report: {line}"
+        elif row[0].isdigit() and seed_header is not None:
+            seed = int(row[0])
+            for header, value in zip(seed_header[1:], row[1:], strict=True):
+                task, variant = header_column(header)
+                scores = {f"{100 * r['clean']['overall']:.2f} / {100 * r['advglue']['overall']:.2f}"
+                          for r in records if r["variant"] == variant and r["seed"] == seed
+                          and task in (None, r["task"])}
+                assert value in scores, f"{title}: seed {seed}, {header}: {value} is not in the records"
+        else:
+            continue
+        checked += 1
+    assert checked >= 3, f"{title}: only {checked} rows checked"
