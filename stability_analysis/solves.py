@@ -38,6 +38,17 @@ class ExampleSolves:
         """Whether every implicit layer's solve converged, per input."""
         return self.converged.all(dim=1)
 
+    def select(self, rows: Sequence[int]) -> ExampleSolves:
+        """The records of the inputs at ``rows``, in that order: reuse a pass instead of solving again."""
+        index = torch.as_tensor(list(rows), dtype=torch.long)
+        return ExampleSolves(
+            layers=self.layers,
+            iterations=self.iterations[index],
+            rel_residual=self.rel_residual[index],
+            converged=self.converged[index],
+            predictions=None if self.predictions is None else self.predictions[index],
+        )
+
 
 def example_solves(
     model: nn.Module, tokenizer: Any, texts: Sequence[Text], max_length: int = 64, batch_size: int = 64

@@ -368,6 +368,10 @@ def test_example_solves_match_each_input_solved_alone() -> None:
     assert torch.equal(batched.predictions, torch.cat([a.predictions for a in alone]))
     assert torch.equal(batched.total_iterations, batched.iterations.sum(1))
     assert torch.equal(batched.all_converged, batched.converged.all(1))
+    picked = batched.select([3, 0, 3])  # rows in the order asked, repeats allowed
+    for name in ("iterations", "rel_residual", "converged", "predictions"):
+        assert torch.equal(getattr(picked, name), getattr(batched, name)[[3, 0, 3]])
+    assert picked.layers == batched.layers
     stock, _ = load_model(None)
     with pytest.raises(ValueError, match="no implicit layer"):
         example_solves(stock, tokenizer, texts)

@@ -463,6 +463,7 @@ def test_solve_difficulty_counts_agree_with_evaluation(
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench" / "experiments"))
     import solve_difficulty
 
+    from stability_analysis import example_solves
     from stability_analysis.perturbation import advglue_pairs
 
     run_dir = train(_config(tiny_model, tmp_path / "run", max_iter=4, tol=5e-3))  # some solves stop short
@@ -490,6 +491,10 @@ def test_solve_difficulty_counts_agree_with_evaluation(
     assert capsys.readouterr().out == report + "\n"
     with pytest.raises(SystemExit):
         solve_difficulty.main([])  # neither runs nor --report
+    with monkeypatch.context() as patch:  # an annotation file that does not match dev.json is refused
+        patch.setattr(solve_difficulty, "advglue_pairs", lambda *args: [("clean", "not an AdvGLUE item")])
+        with pytest.raises(ValueError, match="1 adversarial texts of dev_ann.json are not in dev.json's"):
+            solve_difficulty.measure_run(run_dir, str(DATA_DIR), 64)
     monkeypatch.setattr(solve_difficulty, "measure_run", lambda *args: pytest.fail("measured again"))
     solve_difficulty.main([str(run_dir), "--out", str(out)])  # resumes: the run is in --out already
     assert json.loads(out.read_text()) == [first]
@@ -507,3 +512,6 @@ def test_solve_difficulty_counts_agree_with_evaluation(
     assert changed > 0 and sst2["flipped"] == pytest.approx(changed)
     for side in ("original", "adversarial"):
         assert 0 < sst2[side]["iterations"] <= 2 * 4 and 0 <= sst2[side]["converged"] <= 100
+    # the adversarial records, taken from the pass over dev.json, equal the adversarial texts solved alone
+    alone = solve_difficulty._means(example_solves(model, tokenizer, [p[1] for p in pairs], max_length=32))
+    assert sst2["adversarial"] == pytest.approx(alone, rel=1e-3)

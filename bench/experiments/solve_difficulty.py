@@ -1,13 +1,14 @@
 """Are AdvGLUE inputs harder implicit equations than the GLUE sentences they were made from?
 
 For fine-tuned IM-BERT runs (run directories of ``ode-bert train`` or ``grid.py``), every AdvGLUE item that
-perturbs a GLUE original is solved twice, as the original and as the adversarial text, with the run's own
-solver settings. Per run: the mean over pairs of the iterations summed over the implicit layers, of the worst
-relative residual, the share of inputs whose solves all converged, and the share of pairs whose prediction
-the perturbation changed; over runs, adversarial minus original with a 95% t interval (one run per seed).
-Also per run: AdvGLUE accuracy (all of ``dev.json``) of the examples whose solves converged and of those
-whose solves did not. Each run's numbers are written to ``--out`` as soon as it is measured; calling again
-with the same ``--out`` measures only the runs not yet in it.
+perturbs a GLUE original is solved as the original and as the adversarial text, with the run's own solver
+settings (the adversarial records are those of the pass over all of ``dev.json``). Per run: the mean over
+pairs of the iterations summed over the implicit layers, of the worst relative residual, the share of inputs
+whose solves all converged, and the share of pairs whose prediction the perturbation changed; over runs,
+adversarial minus original with a 95% t interval (one run per seed). Also per run: AdvGLUE accuracy (all of
+``dev.json``) of the examples whose solves converged and of those whose solves did not. Each run's numbers
+are written to ``--out`` as soon as it is measured; calling again with the same ``--out`` measures only the
+runs not yet in it.
 
     python bench/experiments/solve_difficulty.py runs/grid_cpu/sst2-n1000/im-seed{1,2,3,4,5} \\
         --out runs/solve_difficulty.json
@@ -58,13 +59,18 @@ def measure_run(run_dir: Path, data_dir: str | None, batch_size: int) -> dict[st
     tokenizer = AutoTokenizer.from_pretrained(run_dir / MODEL_DIR)
     result: dict[str, Any] = {"run": str(run_dir), "task": config["task"], "splits": {}}
     for split, examples in load_advglue(config["task"], data_dir).items():
-        pairs = advglue_pairs(split, data_dir)
-        original, adversarial = (
-            example_solves(model, tokenizer, [p[i] for p in pairs], config["max_length"], batch_size)
-            for i in (0, 1)
-        )
         texts = [ex.text_a if ex.text_b is None else (ex.text_a, ex.text_b) for ex in examples]
         full = example_solves(model, tokenizer, texts, config["max_length"], batch_size)
+        # the adversarial side of each pair is a dev.json item: take its record from the full pass
+        row = {text: i for i, text in enumerate(texts)}
+        pairs = advglue_pairs(split, data_dir)
+        missing = [text for _, text in pairs if text not in row]
+        if missing:
+            raise ValueError(f"{len(missing)} adversarial texts of dev_ann.json are not in dev.json's "
+                             f"{split!r} split (first: {missing[0]!r}); both files must come from one "
+                             "AdvGLUE release")
+        original = example_solves(model, tokenizer, [p[0] for p in pairs], config["max_length"], batch_size)
+        adversarial = full.select([row[p[1]] for p in pairs])
         correct = [int(p) == ex.label for p, ex in zip(full.predictions, examples)]
         by_convergence = {}
         for name, flag in (("converged", True), ("unconverged", False)):
