@@ -363,6 +363,13 @@ def test_grid_runs_plan_in_parallel_and_pairs_by_seed(
     report = capsys.readouterr().out
     assert "| sst2-n16 | im − bert | 2 |" in report
     assert f"{expected:+.2f} [" in report.split("im − bert")[1]
+    metrics = {(v, s): json.loads((tmp_path / "sst2-n16" / f"{v}-seed{s}" / "metrics.json").read_text())
+               for v, s in runs}
+    per_seed = report.split("Per seed, sst2-n16, clean / AdvGLUE:")[1]
+    for seed in (1, 2):  # per-seed rows: bert, then im, each clean / AdvGLUE
+        cells = [f"{100 * metrics[v, seed]['clean']['overall']:.2f} / {100 * scores[v, seed]:.2f}"
+                 for v in ("bert", "im")]
+        assert f"| {seed} | {cells[0]} | {cells[1]} |" in per_seed
     records = grid.load_records([linked / "results.jsonl", tmp_path / "results.jsonl"])
     assert len(records) == 4 and all(r["seconds"] is not None for r in records)
     with pytest.raises(SystemExit):

@@ -245,6 +245,24 @@ def format_tables(summary: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def format_seeds(results: list[dict[str, Any]]) -> str:
+    """Per group, a markdown table of each run's clean / AdvGLUE score (%) by seed, variants in plan order:
+    the runs behind the means, to spot a collapsed seed."""
+    order = list(VARIANTS)
+    out = []
+    for name, runs in by_group(results).items():
+        variants = sorted(runs, key=order.index)
+        seeds = sorted({seed for by_seed in runs.values() for seed in by_seed})
+        out += [f"Per seed, {name}, clean / AdvGLUE:", "", f"| seed | {' | '.join(variants)} |",
+                "|---" * (len(variants) + 1) + "|"]
+        for seed in seeds:
+            cells = [" / ".join(f"{100 * runs[v][seed][m]['overall']:.2f}" for m in METRICS)
+                     if seed in runs[v] else "-" for v in variants]
+            out.append(f"| {seed} | {' | '.join(cells)} |")
+        out.append("")
+    return "\n".join(out)
+
+
 class Scheduler:
     """Runs jobs in up to ``workers`` child processes and records each finished run."""
 
@@ -308,7 +326,7 @@ class Scheduler:
         summary = summarize_groups(self.results)
         write_json_atomic(self.out / "summary.json", summary)
         with atomic_open(self.out / "tables.md") as f:
-            f.write(format_tables(summary))
+            f.write(format_tables(summary) + "\n" + format_seeds(self.results))
 
     def stop(self) -> None:
         """Kill the runs in flight (their checkpoints let a later call resume them)."""
@@ -368,7 +386,8 @@ def main(argv: list[str] | None = None) -> None:
         records = load_records(args.report)
         print(format_tables(summarize_groups(records)))
         if pairs:
-            print(format_pairs(records, pairs))
+            print(format_pairs(records, pairs) + "\n")
+        print(format_seeds(records))
         return
     if args.worker:
         payload = json.loads(args.worker)
