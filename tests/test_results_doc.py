@@ -87,7 +87,7 @@ def test_tables_are_the_records(title: str, section: str, commands: list[list[st
         if row[0] == "seed":
             seed_header = row
         elif row[0] in grid.VARIANTS:
-            assert any(printed[:len(row)] == row for printed in summary_rows), \
+            assert any(shown[:len(row)] == row for shown in summary_rows), \
                 f"{title}: summary row not printed by the report: {line}"
         elif " − " in row[0]:
             assert row in short_pairs, f"{title}: paired row not printed by the report: {line}"
