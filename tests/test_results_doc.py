@@ -26,12 +26,13 @@ TASKS = {"SST-2": "sst2", "RTE": "rte", "QNLI": "qnli", "MNLI": "mnli", "QQP": "
 
 
 def report_sections() -> list[tuple[str, str, list[list[str]]]]:
-    """(title, text, arguments of each ``--report`` command) of the RESULTS.md sections that have one."""
+    """(title, text, arguments of each ``--report`` command) of the RESULTS.md sections that have one and
+    show tables (the summary only points to a figure)."""
     found = []
     for section in re.split(r"\n(?=## )", (REPO / "RESULTS.md").read_text()):
         joined = re.sub(r"\\\n\s*", " ", section)  # shell line continuations
         commands = [shlex.split(c) for c in re.findall(r"grid\.py --report ([^\n#]*)", joined)]
-        if commands:
+        if commands and "\n| " in section:
             found.append((section.splitlines()[0].lstrip("# "), section, commands))
     return found
 
@@ -44,6 +45,9 @@ def run_report(commands: list[list[str]]) -> tuple[list[dict[str, Any]], str]:
     records: list[dict[str, Any]] = []
     printed = []
     for args in commands:
+        if "--plot" in args:  # the figure is drawn from the same records; not checked here
+            at = args.index("--plot")
+            args = args[:at] + args[at + 2:]
         split = args.index("--pairs") if "--pairs" in args else len(args)
         loaded = grid.load_records([REPO / a for a in args[:split]])
         printed.append(grid.format_tables(grid.summarize_groups(loaded)))

@@ -372,6 +372,13 @@ def test_grid_runs_plan_in_parallel_and_pairs_by_seed(
         assert f"| {seed} | {cells[0]} | {cells[1]} |" in per_seed
     records = grid.load_records([linked / "results.jsonl", tmp_path / "results.jsonl"])
     assert len(records) == 4 and all(r["seconds"] is not None for r in records)
+    grid.main(["--report", *both, "--plot", str(tmp_path / "differences.png")])
+    assert (tmp_path / "differences.png").read_bytes().startswith(b"\x89PNG")
+    drawn = grid.plot_differences(grid.summarize_groups(records), tmp_path / "again.png")
+    assert [(group, variant) for group, variant, _ in drawn] == [("sst2-n16", "im")]  # BERT is the zero line
+    assert drawn[0][2]["advglue"]["diff"]["mean"] == pytest.approx(expected)
+    with pytest.raises(ValueError, match="no variant besides the baseline"):
+        grid.plot_differences({"sst2-n16": {"variants": {"bert": {}}}}, tmp_path / "empty.png")
     with pytest.raises(SystemExit):
         grid.main(["--report", str(tmp_path / "results.jsonl"), "--pairs", "im-bert"])
 

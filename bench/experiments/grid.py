@@ -12,6 +12,7 @@ Several workers pay off on a GPU, where one small model's run is bound by kernel
 on a CPU use ``--workers 1``. The core table of RESULTS.md::
 
     python bench/experiments/grid.py --plan core --out runs/grid --workers 14
+    python bench/experiments/grid.py --report runs/grid/results.jsonl --pairs im:ex --plot runs/grid/diff.png
 """
 
 from __future__ import annotations
@@ -263,6 +264,42 @@ def format_seeds(results: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def plot_differences(summary: dict[str, Any], path: Path) -> list[tuple[str, str, dict[str, Any]]]:
+    """Forest plot of every variant's paired difference to BERT (mean and 95% CI), clean and AdvGLUE side by
+    side, one row per (group, variant), written atomically as PNG. Returns the rows drawn, top to bottom."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(group, variant, stats) for group, entry in summary.items()
+            for variant, stats in entry["variants"].items() if variant != BASELINE]
+    if not rows:
+        raise ValueError("no variant besides the baseline to plot")
+    fig, axes = plt.subplots(1, len(METRICS), sharey=True, figsize=(10, 1.2 + 0.32 * len(rows)))
+    ys = list(range(len(rows)))[::-1]
+    for ax, metric in zip(axes, METRICS):
+        for y, (_, _, stats) in zip(ys, rows):
+            d = stats[metric]["diff"]
+            if d["ci_low"] is None:  # one seed: no interval, drawn grey
+                ax.plot(d["mean"], y, "o", color="tab:gray")
+                continue
+            excludes_zero = d["ci_low"] > 0 or d["ci_high"] < 0
+            ax.errorbar(d["mean"], y, xerr=[[d["mean"] - d["ci_low"]], [d["ci_high"] - d["mean"]]], fmt="o",
+                        capsize=3, color="tab:red" if excludes_zero else "tab:blue")
+        ax.axvline(0, color="gray", linewidth=1)
+        ax.set_xlabel(f"Δ {METRICS[metric]} vs BERT (points, 95% CI)")
+        ax.grid(axis="x", alpha=0.3)
+    labels = [f"{group} {variant} (n={len(stats['seeds'])})" for group, variant, stats in rows]
+    axes[0].set_yticks(ys, labels)
+    fig.suptitle("Paired difference to BERT by seed; red: interval excludes zero, grey: one seed")
+    fig.tight_layout()
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
+    return rows
+
+
 class Scheduler:
     """Runs jobs in up to ``workers`` child processes and records each finished run."""
 
@@ -378,16 +415,22 @@ def main(argv: list[str] | None = None) -> None:
                         help="run nothing: print the tables of these results.jsonl records")
     parser.add_argument("--pairs", nargs="+", default=[], metavar="A:B",
                         help="with --report: also paired differences A - B between variants, e.g. im:ex")
+    parser.add_argument("--plot", type=Path, metavar="PNG",
+                        help="with --report: also draw every variant's difference to BERT into this PNG")
     args = parser.parse_args(argv)
     if args.report:
         pairs = [(a, b) for a, _, b in (p.partition(":") for p in args.pairs)]
         if any(not {a, b} <= set(VARIANTS) for a, b in pairs):
             parser.error(f"--pairs takes A:B with A, B among {', '.join(VARIANTS)}; got {args.pairs}")
         records = load_records(args.report)
-        print(format_tables(summarize_groups(records)))
+        summary = summarize_groups(records)
+        print(format_tables(summary))
         if pairs:
             print(format_pairs(records, pairs) + "\n")
         print(format_seeds(records))
+        if args.plot:
+            plot_differences(summary, args.plot)
+            print(f"wrote {args.plot}")
         return
     if args.worker:
         payload = json.loads(args.worker)
