@@ -44,16 +44,10 @@ def run_report(commands: list[list[str]]) -> tuple[list[dict[str, Any]], str]:
     """The records the commands read and the text they print."""
     records: list[dict[str, Any]] = []
     printed = []
-    for args in commands:
-        if "--plot" in args:  # the figure is drawn from the same records; not checked here
-            at = args.index("--plot")
-            args = args[:at] + args[at + 2:]
-        split = args.index("--pairs") if "--pairs" in args else len(args)
-        loaded = grid.load_records([REPO / a for a in args[:split]])
-        printed.append(grid.format_tables(grid.summarize_groups(loaded)))
-        pairs = [tuple(p.split(":")) for p in args[split + 1:]]
-        if pairs:
-            printed.append(grid.format_pairs(loaded, pairs))
+    for command in commands:
+        args = grid.build_parser().parse_args(["--report", *command])  # a --plot is not drawn here
+        loaded = grid.load_records([REPO / path for path in args.report])
+        printed.append(grid.format_report(loaded, args.pairs))
         records += loaded
     return records, "\n".join(printed)
 

@@ -394,7 +394,25 @@ class Scheduler:
             self.write_summary()
 
 
-def main(argv: list[str] | None = None) -> None:
+def format_report(records: list[dict[str, Any]], pairs: list[tuple[str, str]]) -> str:
+    """What ``--report`` prints: group tables, the paired differences ``pairs`` (if any), runs by seed."""
+    parts = [format_tables(summarize_groups(records))]
+    if pairs:
+        parts.append(format_pairs(records, pairs) + "\n")
+    parts.append(format_seeds(records))
+    return "\n".join(parts)
+
+
+def _variant_pair(text: str) -> tuple[str, str]:
+    """``--pairs`` argument ``A:B`` as (A, B), both known variants."""
+    a, _, b = text.partition(":")
+    if not {a, b} <= set(VARIANTS):
+        raise argparse.ArgumentTypeError(f"takes A:B with A, B among {', '.join(VARIANTS)}; got {text!r}")
+    return a, b
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this script (also parses the report commands quoted in RESULTS.md, in tests)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--plan", nargs="+", choices=list(PLANS), default=["core"], help="plans, in order")
@@ -413,23 +431,21 @@ def main(argv: list[str] | None = None) -> None:
                         help='further TrainConfig settings for every run, e.g. \'{"epochs": 3}\'')
     parser.add_argument("--report", nargs="+", type=Path, metavar="JSONL",
                         help="run nothing: print the tables of these results.jsonl records")
-    parser.add_argument("--pairs", nargs="+", default=[], metavar="A:B",
+    parser.add_argument("--pairs", nargs="+", type=_variant_pair, default=[], metavar="A:B",
                         help="with --report: also paired differences A - B between variants, e.g. im:ex")
     parser.add_argument("--plot", type=Path, metavar="PNG",
                         help="with --report: also draw every variant's difference to BERT into this PNG")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.report:
-        pairs = [(a, b) for a, _, b in (p.partition(":") for p in args.pairs)]
-        if any(not {a, b} <= set(VARIANTS) for a, b in pairs):
-            parser.error(f"--pairs takes A:B with A, B among {', '.join(VARIANTS)}; got {args.pairs}")
         records = load_records(args.report)
-        summary = summarize_groups(records)
-        print(format_tables(summary))
-        if pairs:
-            print(format_pairs(records, pairs) + "\n")
-        print(format_seeds(records))
+        print(format_report(records, args.pairs))
         if args.plot:
-            plot_differences(summary, args.plot)
+            plot_differences(summarize_groups(records), args.plot)
             print(f"wrote {args.plot}")
         return
     if args.worker:
