@@ -347,6 +347,18 @@ def test_grid_runs_plan_in_parallel_and_pairs_by_seed(
     grid.main(argv)  # everything done: nothing is rerun, nothing appended
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 4
 
+    # Runs that another grid finishes while they wait in the queue are taken as done, not started again.
+    late = tmp_path / "late"
+    late.mkdir()
+    options = {"model": tiny_model, "data_dir": str(DATA_DIR), **settings}
+    scheduler = grid.Scheduler(late, grid.plan_jobs(["tiny"], [1, 2]), 2, options, 20, 1)
+    assert len(scheduler.pending) == 4
+    (late / "sst2-n16").symlink_to(tmp_path / "sst2-n16")
+    scheduler.run(None)
+    taken = [json.loads(line) for line in (late / "results.jsonl").read_text().splitlines()]
+    assert sorted((r["variant"], r["seed"]) for r in taken) == runs
+    assert all(r["seconds"] is None for r in taken)
+
     linked = tmp_path / "linked"  # finished runs linked into a new folder are recorded there, once
     linked.mkdir()
     (linked / "sst2-n16").symlink_to(tmp_path / "sst2-n16")

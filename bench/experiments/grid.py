@@ -308,17 +308,7 @@ class Scheduler:
         self.out, self.workers, self.options, self.dev_samples = out, workers, options, dev_samples
         self.threads = threads
         self.results: list[dict[str, Any]] = []
-        self.pending: deque[Job] = deque()
-        recorded = self._recorded()
-        for job in jobs:
-            metrics_path = job.run_dir(out) / "metrics.json"
-            if not metrics_path.is_file():
-                self.pending.append(job)
-                continue
-            line = _result_line(job, json.loads(metrics_path.read_text()), None)
-            self.results.append(line)
-            if (job.group.name, job.variant, job.seed) not in recorded:  # e.g. a run linked in from elsewhere
-                self._record(line)
+        self.pending: deque[Job] = deque(job for job in jobs if not self._take_finished(job))
         self.total = len(jobs)
         self.running: dict[Job, tuple[subprocess.Popen[bytes], float]] = {}
 
@@ -347,6 +337,19 @@ class Scheduler:
         clean, adv = (100 * line[m]["overall"] for m in METRICS)
         done = f"[{len(self.results)}/{self.total}]"
         print(f"{done} {label}: {seconds:.0f} s, clean {clean:.2f}, AdvGLUE {adv:.2f}", flush=True)
+
+    def _take_finished(self, job: Job) -> bool:
+        """Whether ``job`` has finished already (its ``metrics.json`` exists: run earlier, linked in, or
+        finished meanwhile by another grid on the same folder); if so it joins the results, and is recorded
+        without a wall time unless ``results.jsonl`` has it."""
+        metrics_path = job.run_dir(self.out) / "metrics.json"
+        if not metrics_path.is_file():
+            return False
+        line = _result_line(job, json.loads(metrics_path.read_text()), None)
+        self.results.append(line)
+        if (job.group.name, job.variant, job.seed) not in self._recorded():
+            self._record(line)
+        return True
 
     def _recorded(self) -> set[tuple[str, str, int]]:
         """(group, variant, seed) of the runs ``results.jsonl`` already has a line for."""
@@ -383,7 +386,9 @@ class Scheduler:
                     print("deadline reached", flush=True)
                     break
                 while self.pending and len(self.running) < self.workers:
-                    self._start(self.pending.popleft())
+                    job = self.pending.popleft()
+                    if not self._take_finished(job):
+                        self._start(job)
                 time.sleep(0.5)
                 for job, (process, started) in list(self.running.items()):
                     if process.poll() is not None:
