@@ -17,14 +17,18 @@ from ._base import (
     ButcherTableau,
     ConvergenceError,
     ConvergenceWarning,
+    DivergenceError,
     Method,
+    NonFiniteError,
     RootFinder,
     RootInfo,
+    StepBudgetError,
     StepInfo,
+    all_finite,
     default_tol,
 )
 from .gradients import available_grad_modes, solve_fixed_point
-from .integrate import DivergenceError, OdeintStats, odeint
+from .integrate import OdeintStats, odeint
 from .registry import (
     available,
     available_root_finders,
@@ -43,10 +47,13 @@ __all__ = [
     "ConvergenceWarning",
     "DivergenceError",
     "Method",
+    "NonFiniteError",
     "OdeintStats",
     "RootFinder",
     "RootInfo",
+    "StepBudgetError",
     "StepInfo",
+    "all_finite",
     "available",
     "available_grad_modes",
     "available_root_finders",

@@ -37,6 +37,23 @@ class ConvergenceError(RuntimeError):
     """A root finder stopped before reaching its tolerance and ``on_failure='raise'`` was set."""
 
 
+class DivergenceError(FloatingPointError):
+    """The numerical solution grew out of scale or became non-finite (typically an explicit method on a
+    stiff problem), or an adaptive step size underflowed."""
+
+
+class NonFiniteError(FloatingPointError):
+    """The vector field returned NaN or Inf when evaluated at a finite state.
+
+    The fault is the field's (or an iteration that drove it out of range), not the caller's input: a
+    non-finite input state is a ``ValueError`` before the field is evaluated.
+    """
+
+
+class StepBudgetError(RuntimeError):
+    """An integration needed more steps than its ``max_num_steps`` budget allows."""
+
+
 @dataclass(frozen=True)
 class ButcherTableau:
     """Runge-Kutta coefficients ``(A, b, c)``; exact rationals where the method has them.
@@ -229,15 +246,23 @@ class CountedField:
 
     Counting calls (rather than trusting a root finder's own ``nfev``) also covers the evaluations made
     inside Jacobian products.
+
+    It also records (without raising, so a root finder can still back off from a bad trial point) the first
+    evaluation that returned NaN or Inf at a finite input: ``nonfinite`` is then ``(t, "NaN" or "Inf",
+    max |input|)``; ``raise_nonfinite`` turns it into a ``NonFiniteError``. ``last_t`` is the time of the
+    latest evaluation.
     """
 
     def __init__(self, f: VectorField, y: Tensor) -> None:
         self.f = f
         self.shape = y.shape
         self.calls = 0
+        self.nonfinite: tuple[float, str, float] | None = None
+        self.last_t: Tensor | float | None = None
 
     def __call__(self, t: Tensor, z: Tensor) -> Tensor:
         self.calls += 1
+        self.last_t = t
         out = self.f(t, z)
         if not isinstance(out, Tensor) or out.shape != self.shape:
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
@@ -245,7 +270,43 @@ class CountedField:
             raise ValueError(
                 f"the vector field returned {shape}, expected a tensor shaped like the state {expected}"
             )
+        if self.nonfinite is None and not all_finite(out):
+            z_abs = z.detach().abs()
+            if all_finite(z_abs):  # a non-finite input is the iteration's, not the field's
+                kind = "NaN" if bool(torch.isnan(out).any()) else "Inf"
+                self.nonfinite = (float(t), kind, float(z_abs.max()) if z_abs.numel() else 0.0)
         return out
+
+    def raise_nonfinite(self, where: str, y: Tensor | None = None) -> None:
+        """Raise ``NonFiniteError`` naming the vector field if it returned NaN/Inf at a finite input.
+
+        ``where`` says what was being computed (e.g. "during an 'implicit_euler' step from t = 0.5"), ``y``
+        is the state the computation started from, whose scale is compared with the evaluation point's.
+        """
+        if self.nonfinite is None:
+            return
+        t, kind, size = self.nonfinite
+        start = ""
+        if y is not None and y.numel():
+            y_size = float(y.detach().abs().max())
+            start = f"; it started from a state with max |y| = {y_size:.3g}"
+            if size > 1e3 * max(y_size, 1.0):
+                start += (" (the evaluation point is far larger: the solution or a root iteration grew out "
+                          "of range before the field overflowed; try a smaller step or another root finder)")
+        raise NonFiniteError(
+            f"the vector field returned {kind} at t = {t:.6g}, evaluated at a finite state "
+            f"(max |state| = {size:.3g}) {where}{start}. The input state was finite, so the field (or "
+            f"what it computes with) produced the {kind}"
+        )
+
+
+def all_finite(x: Tensor) -> bool:
+    """Whether ``x`` has no NaN or Inf. One sum on the fast path (any NaN or Inf makes it non-finite): on
+    CPU ``torch.isfinite(x).all()`` costs about 35 sums on a 32 x 64 x 384 state. The exact test runs only
+    when the sum is not finite, to tell a sum that overflowed over finite entries apart."""
+    x = x.detach()
+    total = x.sum(dtype=torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x.sum()
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(x).all())
 
 
 def check_state(y: Tensor, what: str = "state") -> None:
@@ -256,7 +317,7 @@ def check_state(y: Tensor, what: str = "state") -> None:
         raise TypeError(
             f"{what} must have a floating dtype (float16/bfloat16/float32/float64), got {y.dtype}"
         )
-    if not bool(torch.isfinite(y).all()):
+    if not all_finite(y):
         raise ValueError(f"{what} contains NaN or Inf")
 
 

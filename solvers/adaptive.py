@@ -20,7 +20,9 @@ from torchdiffeq._impl.rk_common import _ButcherTableau
 from ._base import (
     ButcherTableau,
     CountedField,
+    DivergenceError,
     Method,
+    StepBudgetError,
     StepInfo,
     VectorField,
     as_time,
@@ -28,6 +30,10 @@ from ._base import (
     check_step,
 )
 from .registry import register
+
+# Substeps one call may take (torchdiffeq's own default, 2**31 - 1, lets a stiff problem run for hours).
+# diffrax's default is 4096 too; an explicit adaptive method on a stiff problem reaches it in seconds.
+DEFAULT_MAX_NUM_STEPS = 4096
 
 
 def _exact(x: float) -> Fraction | float:
@@ -63,7 +69,12 @@ class TorchdiffeqAdaptive(Method):
     """A torchdiffeq adaptive solver run over one interval.
 
     Options: ``rtol``, ``atol`` (error tolerances; torchdiffeq's defaults), ``first_step`` (initial
-    substep, ``None`` lets torchdiffeq choose), ``max_num_steps`` (substep budget per call).
+    substep, ``None`` lets torchdiffeq choose), ``max_num_steps`` (substep budget per call, accepted and
+    rejected substeps alike; default ``DEFAULT_MAX_NUM_STEPS``).
+
+    Failures are this package's errors, not torchdiffeq's bare assertions: an exhausted budget is a
+    ``StepBudgetError``, a vector field returning NaN/Inf at a finite state a ``NonFiniteError``, and a step
+    size that underflows (a solution blowing up in finite time) a ``DivergenceError``.
     """
 
     adaptive = True
@@ -75,7 +86,7 @@ class TorchdiffeqAdaptive(Method):
         rtol: float = 1e-7,
         atol: float = 1e-9,
         first_step: float | None = None,
-        max_num_steps: int = 2**31 - 1,
+        max_num_steps: int = DEFAULT_MAX_NUM_STEPS,
     ) -> None:
         self.rtol = _positive("rtol", rtol)
         self.atol = _positive("atol", atol)
@@ -95,10 +106,42 @@ class TorchdiffeqAdaptive(Method):
         options: dict[str, Any] = {"max_num_steps": self.max_num_steps}
         if self.first_step is not None:
             options["first_step"] = self.first_step
-        ys = torchdiffeq.odeint(
-            counted, y, times, rtol=self.rtol, atol=self.atol, method=self.torchdiffeq_name, options=options
-        )
+        try:
+            ys = torchdiffeq.odeint(
+                counted, y, times, rtol=self.rtol, atol=self.atol, method=self.torchdiffeq_name,
+                options=options,
+            )
+        except AssertionError as err:  # torchdiffeq reports failures with bare assertions
+            self._raise_clear(err, counted, y, times)
+            raise
+        if not bool(torch.isfinite(ys[1]).all()):
+            counted.raise_nonfinite(self._where(times), y)
+            raise DivergenceError(f"the state became non-finite {self._where(times)}")
         return ys[1], StepInfo(nfev=counted.calls)
+
+    def _where(self, times: Tensor) -> str:
+        return f"during {self.name!r} from t = {float(times[0]):.6g} to {float(times[1]):.6g}"
+
+    def _raise_clear(self, err: AssertionError, counted: CountedField, y: Tensor, times: Tensor) -> None:
+        """Re-raise one of torchdiffeq's assertions as a clear error of ours (returns for any other)."""
+        counted.raise_nonfinite(self._where(times), y)  # a NaN field first: it also underflows dt
+        text = str(err)
+        reached = "" if counted.last_t is None else f", having reached t = {float(counted.last_t):.6g}"
+        if "max_num_steps" in text:
+            raise StepBudgetError(
+                f"{self.name!r} used its whole budget of max_num_steps={self.max_num_steps} substeps between "
+                f"t = {float(times[0]):.6g} and {float(times[1]):.6g}{reached} (rtol={self.rtol:g}, "
+                f"atol={self.atol:g}). The problem is probably stiff: use an implicit method (e.g. "
+                f"'implicit_euler' or 'trapezoid' with a fixed step), loosen rtol/atol, or raise "
+                f"max_num_steps"
+            ) from err
+        if "underflow in dt" in text:
+            raise DivergenceError(
+                f"{self.name!r}: the step size underflowed between t = {float(times[0]):.6g} and "
+                f"{float(times[1]):.6g}{reached}. The solution probably blows up in finite time there, or "
+                f"the vector field is not smooth or not finite; check the field, or use an implicit method "
+                f"if the problem is stiff"
+            ) from err
 
 
 @register("dopri5")

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ._base import (
     ButcherTableau,
+    ConvergenceError,
     CountedField,
     FixedPointMap,
     Method,
@@ -46,6 +47,10 @@ class ImplicitRK(Method):
     gradient, found during backward; separate so that a caller silencing forward reports still hears
     about it), ``init`` (``"explicit"``: start from an explicit Euler predictor as
     IM-BERT does; ``"previous"``: start from ``y``).
+
+    A non-finite input state is a ``ValueError``. A vector field that returns NaN/Inf at a finite state
+    (in the predictor, or in a root solve that then fails) is a ``NonFiniteError`` naming the field and
+    ``t``, whatever ``on_failure`` says.
     """
 
     implicit = True
@@ -93,10 +98,19 @@ class ImplicitRK(Method):
         check_step(dt)
         check_state(y)
         counted = CountedField(f, y)
-        g, z0, finish = self._fixed_point(counted, as_time(t, y), y, dt)
-        z, root_info = solve_fixed_point(
-            g, z0, self._finder, self.grad, adjoint_on_failure=self.adjoint_on_failure
-        )
+        t0 = as_time(t, y)
+        g, z0, finish = self._fixed_point(counted, t0, y, dt)
+        where = f"in a step of {self.name!r} from t = {float(t0):.6g} (dt = {float(dt):.3g})"
+        counted.raise_nonfinite(where, y)  # f(t, y) of the predictor: not "a bad initial guess"
+        try:
+            z, root_info = solve_fixed_point(
+                g, z0, self._finder, self.grad, adjoint_on_failure=self.adjoint_on_failure
+            )
+        except ConvergenceError:  # on_failure="raise": name a NaN/Inf field as the cause
+            counted.raise_nonfinite(where, y)
+            raise
+        if not root_info.all_converged:  # a field NaN/Inf that the solve could not step around
+            counted.raise_nonfinite(where, y)
         extra = {"jacobian_products": float(root_info.nvjp)} if root_info.nvjp else {}
         return finish(z), StepInfo(nfev=counted.calls, root=root_info, extra=extra)
 

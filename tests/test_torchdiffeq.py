@@ -8,7 +8,7 @@ import torchdiffeq
 from torchdiffeq._impl.odeint import SOLVERS
 
 import solvers
-from solvers.torchdiffeq_bridge import BRIDGED_METHODS, install_torchdiffeq
+from solvers.torchdiffeq_bridge import BRIDGED_METHODS, BRIDGED_NAMES, install_torchdiffeq
 
 F64 = torch.float64
 
@@ -28,7 +28,7 @@ def test_install_is_idempotent_and_keeps_torchdiffeq_names() -> None:
     before = dict(SOLVERS)
     assert install_torchdiffeq() == []
     assert dict(SOLVERS) == before
-    for name in BRIDGED_METHODS:
+    for name in BRIDGED_NAMES:
         assert name in SOLVERS
     for name in ("euler", "rk4", "dopri5", "implicit_adams"):
         assert SOLVERS[name].__module__.startswith("torchdiffeq")
@@ -41,7 +41,8 @@ def test_torchdiffeq_trajectory_equals_direct_steps(method: str) -> None:
     t = torch.tensor([0.0, 0.3, 0.5], dtype=F64)
     options = {"root": "newton_krylov", "tol": 1e-12, "max_iter": 30}
     with torch.no_grad():
-        ys = torchdiffeq.odeint(func, y0, t, method=method, options={"step_size": 0.1, **options})
+        ys = torchdiffeq.odeint(func, y0, t, method=f"solvers_{method}",
+                                options={"step_size": 0.1, **options})
         step = solvers.get(method, **options)
         y, direct = y0, [y0]
         for k in range(5):
@@ -64,9 +65,9 @@ def test_odeint_adjoint_gradient_converges_to_the_exact_one() -> None:
     errors = []
     for h in (0.05, 0.025):
         options = {"step_size": h, "root": "anderson", "tol": 1e-12}
-        adjoint_ys = torchdiffeq.odeint_adjoint(func, y0, t, method="implicit_euler", options=options)
+        adjoint_ys = torchdiffeq.odeint_adjoint(func, y0, t, method="solvers_implicit_euler", options=options)
         adjoint = torch.autograd.grad(adjoint_ys[-1].pow(2).sum(), (func.a, y0))
-        direct_ys = torchdiffeq.odeint(func, y0, t, method="implicit_euler", options=options)
+        direct_ys = torchdiffeq.odeint(func, y0, t, method="solvers_implicit_euler", options=options)
         direct = torch.autograd.grad(direct_ys[-1].pow(2).sum(), (func.a, y0))
         errors.append(max(float((g - e).abs().max()) for g, e in zip(adjoint, exact)))
         for g_adj, g_dir in zip(adjoint, direct):
@@ -82,7 +83,8 @@ def test_odeint_adjoint_trapezoid_matches_finite_differences() -> None:
     options = {"step_size": 0.01, "root": "anderson", "tol": 1e-12}
 
     def loss() -> torch.Tensor:
-        return torchdiffeq.odeint_adjoint(func, y0, t, method="trapezoid", options=options)[-1].pow(2).sum()
+        ys = torchdiffeq.odeint_adjoint(func, y0, t, method="solvers_trapezoid", options=options)
+        return ys[-1].pow(2).sum()
 
     (grad,) = torch.autograd.grad(loss(), func.a)
     eps = 1e-6
@@ -103,4 +105,4 @@ def test_odeint_adjoint_trapezoid_matches_finite_differences() -> None:
 def test_bad_option_through_torchdiffeq() -> None:
     with pytest.raises(ValueError, match="newton_krylov"):
         torchdiffeq.odeint(Linear(), torch.ones(2, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64),
-                           method="implicit_euler", options={"step_size": 0.1, "root": "newton"})
+                           method="solvers_implicit_euler", options={"step_size": 0.1, "root": "newton"})

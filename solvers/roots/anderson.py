@@ -54,14 +54,15 @@ class Anderson(RootFinder):
     def _coefficients(self, d_f: Tensor, f: Tensor) -> Tensor:
         """Per-sample regularised least squares ``(dF^T dF + lam s I) gamma = dF^T f``.
 
-        Solved in at least float32 with autocast off (there is no half-precision LU); returned in
-        ``d_f``'s dtype.
+        Formed and solved in float64 with autocast off, returned in ``d_f``'s dtype. float64 is for
+        reproducibility across machines, not accuracy: the Gram products reduce over every entry of the
+        state, and MKL picks a CPU-specific kernel for that batched product, so in float32 its last bits
+        (and through them every later iterate) differed between an AMD and an Intel CPU. In float64 those
+        differences sit far below float32's rounding and vanish when ``gamma`` is cast back (RELIABILITY.md).
         """
-        out_dtype = d_f.dtype
-        work = torch.promote_types(out_dtype, torch.float32)
         with torch.autocast(d_f.device.type, enabled=False):
-            gamma = self._solve_normal_equations(d_f.to(work), f.to(work))
-        return gamma.to(out_dtype)
+            gamma = self._solve_normal_equations(d_f.to(torch.float64), f.to(torch.float64))
+        return gamma.to(d_f.dtype)
 
     def _solve_normal_equations(self, d_f: Tensor, f: Tensor) -> Tensor:
         gram = d_f.transpose(1, 2) @ d_f  # (batch, k, k)
