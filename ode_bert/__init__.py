@@ -10,7 +10,9 @@ Quick start::
 """
 
 from .convert import (
+    CONFIG_VERSION,
     LayerStats,
+    NonFiniteError,
     ODEConnection,
     convert,
     ex_bert,
@@ -22,13 +24,22 @@ from .convert import (
     unconvert,
 )
 from .field import FRAMINGS, LayerField
-from .pretrained import DEFAULT_MODEL, from_pretrained, load_model, resolve_model_path
+from .pretrained import (
+    DEFAULT_MODEL,
+    from_pretrained,
+    load_model,
+    resolve_model_path,
+    save_pretrained,
+    write_model_card,
+)
 
 __all__ = [
+    "CONFIG_VERSION",
     "DEFAULT_MODEL",
     "FRAMINGS",
     "LayerField",
     "LayerStats",
+    "NonFiniteError",
     "ODEConnection",
     "convert",
     "ex_bert",
@@ -39,6 +50,8 @@ __all__ = [
     "ode_config",
     "parse_layers",
     "resolve_model_path",
+    "save_pretrained",
     "solver_stats",
     "unconvert",
+    "write_model_card",
 ]

@@ -9,6 +9,7 @@ The configuration is stored in ``model.config.ode_bert`` and survives ``save_pre
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -22,13 +23,24 @@ import torch
 from torch import Tensor, nn
 
 import solvers
-from solvers import ConvergenceError, ConvergenceWarning, Method, RootInfo, StepInfo
-from solvers._registry import option_names
+from solvers import ConvergenceError, ConvergenceWarning, Method, RootInfo, StepInfo, all_finite
+from solvers._registry import _suggest, option_names
 from solvers.registry import METHODS
 
-from .field import LayerField, check_framing, real_token_mask, split_hidden, stock_forward
+from .field import LayerField, cache_argument, check_framing, real_token_mask, split_hidden, stock_forward
 
 CONFIG_KEY = "ode_bert"
+# The stored configuration (``model.config.ode_bert``, saved in config.json) is versioned. Version 1 is every
+# configuration saved before the "version" key existed: it has always had exactly ``CONFIG_KEYS_V1``, and
+# loading requires all of them. Version 2 adds the "version" key. A key introduced in a later version goes
+# into ``CONFIG_ADDED_KEYS`` with the version that introduced it and the default that reproduces what older
+# versions did: a configuration older than that version loads with the default and a warning; a newer one
+# must have the key. Unknown keys are an error (see ``check_stored_config``).
+CONFIG_VERSION = 2
+CONFIG_KEYS_V1: tuple[str, ...] = (
+    "solver", "layers", "step", "field", "root", "grad", "tol", "max_iter", "solver_options"
+)
+CONFIG_ADDED_KEYS: dict[str, tuple[int, Any]] = {}  # key -> (version that added it, default for older ones)
 IMPLICIT_ONLY_OPTIONS: tuple[str, ...] = ("root", "grad", "tol", "max_iter")
 ON_FAILURE_CHOICES: tuple[str, ...] = ("warn", "raise", "ignore")
 SUPPORTED_ENCODERS = (
@@ -135,6 +147,31 @@ def parse_layers(spec: str | Sequence[int], num_layers: int) -> list[int]:
 # --------------------------------------------------------------------------------------------------
 
 
+class NonFiniteError(solvers.NonFiniteError, ValueError):
+    """A converted layer met NaN or Inf: in its input state, or in its vector field's output.
+
+    The message names the layer, the solver and the field framing. A ``solvers.NonFiniteError`` (so a
+    ``FloatingPointError``) and a ``ValueError``, as the solvers' own NaN checks of states have always been.
+    """
+
+
+def _is_single_evaluation(method: Method) -> bool:
+    """Whether one step of ``method`` evaluates the vector field exactly once (explicit Euler)."""
+    tableau = method.tableau
+    return not method.implicit and not method.adaptive and tableau is not None and len(tableau.b) == 1
+
+
+def _cache_message(index: int, solver: str, where: str) -> str:
+    return (
+        f"layer {index} ({solver}) receives a key/value cache ({where}): every evaluation of the layer in "
+        f"an ODE step would append its keys and values to the cache, so later tokens would attend to "
+        f"the wrong positions. ode_bert does not support caches with solvers that evaluate a layer more "
+        f"than once yet: call the model with use_cache=False (model(..., use_cache=False), "
+        f"generate(..., use_cache=False)), set model.config.use_cache = False, or use solver='euler' "
+        f"(one evaluation per layer)"
+    )
+
+
 class _RecordTrimmer:
     """Snapshot transformers' active output collector so only the last evaluation's records are kept."""
 
@@ -195,9 +232,16 @@ class ODEConnection:
     their outputs are not the layer's, and the root finder's residual and stopping test cover the real
     tokens only. Real tokens never attend to padding keys, so their results are those of solving each
     sentence alone (up to the solver tolerance). Explicit and adaptive methods step every position.
+
+    NaN and Inf are errors (``NonFiniteError``) naming the layer, the solver and whether the input state or
+    the vector field was non-finite: the input and the step's output are checked once each (a sum, ~0.1%
+    of a MiniLM forward); inside implicit and adaptive solves every field value is checked, as those may
+    otherwise hide it. ``check_finite = False`` on an instance switches the checks off. A layer call that
+    receives a key/value cache (decoders) is refused unless the method evaluates the layer once (euler).
     """
 
     mask_padding: bool = True  # set False on an instance to solve padding positions too (for comparisons)
+    check_finite: bool = True  # set False on an instance to skip the NaN/Inf checks (for benchmarks)
 
     def __init__(
         self,
@@ -222,8 +266,39 @@ class ODEConnection:
         self.original = original
         self.last_info: StepInfo | None = None
 
+    def _where(self) -> str:
+        return f"layer {self.index} ({self.solver}, field={self.framing!r})"
+
+    def _checked(self, f: Callable[[Any, Tensor], Tensor], field: LayerField) -> Callable[..., Tensor]:
+        """``f`` with every value checked: NaN/Inf from a finite state is an error naming the layer.
+
+        A non-finite value at a non-finite state is the solver's own iterate diverging (e.g. a Picard
+        iteration that blows up): that is left to the solver, which reports it as non-convergence.
+        """
+
+        def checked(t: Any, y: Tensor) -> Tensor:
+            out = f(t, y)
+            if not all_finite(out) and all_finite(y):
+                raise NonFiniteError(
+                    f"{self._where()}: the vector field returned NaN or Inf at a finite state (evaluation "
+                    f"{field.nfev} of this step, inside the {self.solver} solve); the layer's weights or "
+                    f"activations overflow or are NaN"
+                )
+            return out
+
+        return checked
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         h, rest_args, rest_kwargs = split_hidden(self.layer, args, kwargs)
+        if not _is_single_evaluation(self.method):
+            cache = cache_argument(self.layer, h, rest_args, rest_kwargs)
+            if cache is not None:
+                raise ValueError(_cache_message(self.index, self.solver, cache))
+        if self.check_finite and not all_finite(h):
+            raise NonFiniteError(
+                f"{self._where()}: the input hidden state contains NaN or Inf, before the ODE step (it comes "
+                f"from the embeddings, the inputs or an earlier layer)"
+            )
         base = self.original if self.original is not None else stock_forward(self.layer)
         trimmer = _RecordTrimmer()
         randomness = _RandomState(h.device) if self.layer.training else None
@@ -237,13 +312,30 @@ class ODEConnection:
         field = LayerField(self.layer, self.framing, rest_args, rest_kwargs, forward=evaluate)
         masked = self.mask_padding and self.method.implicit
         real = real_token_mask(self.layer, h, rest_args, rest_kwargs) if masked else None
-        if self.method.adaptive:
-            scale = self.step
-            h_next, info = self.method.step(lambda t, y: scale * field(t, y), float(self.index), h, 1.0)
-        elif real is None or bool(real.all()):
-            h_next, info = self.method.step(field, float(self.index), h, self.step)
-        else:
-            h_next, info = self._step_real_tokens(field, h, real)
+        # Explicit steps propagate a NaN/Inf of any evaluation to their output, checked below; implicit and
+        # adaptive solves may hide it (a root finder keeps its last finite iterate), so check every value.
+        hidden_nan = self.check_finite and (self.method.implicit or self.method.adaptive)
+        try:
+            if self.method.adaptive:
+                scale = self.step
+                f = lambda t, y: scale * field(t, y)  # noqa: E731
+                h_next, info = self.method.step(
+                    self._checked(f, field) if hidden_nan else f, float(self.index), h, 1.0
+                )
+            elif real is None or bool(real.all()):
+                f = self._checked(field, field) if hidden_nan else field
+                h_next, info = self.method.step(f, float(self.index), h, self.step)
+            else:
+                h_next, info = self._step_real_tokens(field, h, real, hidden_nan)
+        except solvers.NonFiniteError as err:
+            if isinstance(err, NonFiniteError):
+                raise
+            raise NonFiniteError(f"{self._where()}: {err}") from err
+        if self.check_finite and not all_finite(h_next):
+            raise NonFiniteError(
+                f"{self._where()}: the output of the ODE step contains NaN or Inf although its input was "
+                f"finite: the vector field returned NaN or Inf (or the step overflowed)"
+            )
         trimmer.trim()
         self.last_info = _detached(info)
         self._check_convergence(info)
@@ -251,7 +343,9 @@ class ODEConnection:
             return (h_next, *field.last_extras)
         return h_next
 
-    def _step_real_tokens(self, field: LayerField, h: Tensor, real: Tensor) -> tuple[Tensor, StepInfo]:
+    def _step_real_tokens(
+        self, field: LayerField, h: Tensor, real: Tensor, check: bool = False
+    ) -> tuple[Tensor, StepInfo]:
         """Step only the real tokens; padding positions keep ``h``.
 
         The method integrates ``y = h - held`` (zero at padding) under ``keep * f(y + held)``, with
@@ -260,8 +354,12 @@ class ODEConnection:
         """
         keep = real[..., None].to(h.dtype)
         held = h * (1 - keep)
+
+        def f(t: Any, y: Tensor) -> Tensor:
+            return keep * field(t, y + held)
+
         h_next, info = self.method.step(
-            lambda t, y: keep * field(t, y + held), float(self.index), h * keep, self.step
+            self._checked(f, field) if check else f, float(self.index), h * keep, self.step
         )
         return h_next + held, info
 
@@ -311,6 +409,11 @@ def _build_method(
     """Instantiate the step method; returns it, the ``on_failure`` policy, and whether we report failures."""
     cls = METHODS.lookup(solver)
     given = {k: v for k, v in implicit_options.items() if v is not None}
+    grad = given.get("grad")
+    modes = solvers.available_grad_modes()
+    if grad is not None and (not isinstance(grad, str) or grad not in modes):
+        hint = _suggest(grad, list(modes)) if isinstance(grad, str) else ""
+        raise ValueError(f"Unknown gradient mode {grad!r}.{hint} Valid modes: {', '.join(modes)}")
     accepted = option_names(cls)
     misplaced = [k for k in given if k not in accepted]
     if misplaced:
@@ -324,8 +427,10 @@ def _build_method(
     if not report:  # let the registry reject on_failure (and any other unknown option) by name
         return solvers.get(solver, **options), "ignore", False
     on_failure = options.pop("on_failure", "warn")
-    if on_failure not in ON_FAILURE_CHOICES:
-        raise ValueError(f"on_failure must be one of {', '.join(ON_FAILURE_CHOICES)}, got {on_failure!r}")
+    if not isinstance(on_failure, str) or on_failure not in ON_FAILURE_CHOICES:
+        hint = _suggest(on_failure, list(ON_FAILURE_CHOICES)) if isinstance(on_failure, str) else ""
+        choices = ", ".join(ON_FAILURE_CHOICES)
+        raise ValueError(f"on_failure must be one of {choices}, got {on_failure!r}.{hint}".rstrip("."))
     options["on_failure"] = "ignore"  # the connection reports failures itself, naming the layer
     return solvers.get(solver, **options), on_failure, report
 
@@ -362,6 +467,15 @@ def convert(
         json.dumps(solver_options)
     except TypeError as err:
         raise TypeError(f"solver options must be JSON-serialisable (saved with the model): {err}") from None
+    if not _is_single_evaluation(method) and _decoder_with_cache(model, layer_list):
+        raise ValueError(
+            f"{type(model).__name__} is a decoder configured with use_cache=True: its layers receive a "
+            f"key/value cache, and solver {solver!r} evaluates each layer more than once per step, so every "
+            f"evaluation would append to the cache. ode_bert does not support that yet: load the model "
+            f"with use_cache=False (from_pretrained(..., use_cache=False)) or set "
+            f"model.config.use_cache = False before convert, and call it with use_cache=False; or use "
+            f"solver='euler' (one evaluation per layer)"
+        )
 
     unconvert(model)
     for index in indices:
@@ -373,6 +487,7 @@ def convert(
     config = getattr(model, "config", None)
     if config is not None:
         setattr(config, CONFIG_KEY, {
+            "version": CONFIG_VERSION,
             "solver": solver,
             "layers": indices,
             "step": float(step),
@@ -384,6 +499,16 @@ def convert(
             "solver_options": dict(solver_options),
         })
     return model
+
+
+def _decoder_with_cache(model: nn.Module, layer_list: nn.ModuleList) -> bool:
+    """Whether ``model`` is a decoder (``config.is_decoder`` or causal attention) set to use a KV cache."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "use_cache", False):
+        return False
+    if getattr(config, "is_decoder", False):
+        return True
+    return any(getattr(m, "is_causal", False) is True for layer in layer_list for m in layer.modules())
 
 
 def unconvert(model: nn.Module) -> nn.Module:
@@ -431,19 +556,135 @@ def ex_bert(
 
 
 def ode_config(model: nn.Module) -> dict[str, Any] | None:
-    """The stored conversion settings (``model.config.ode_bert``), or ``None`` for a stock model."""
+    """The stored conversion settings (``model.config.ode_bert``), or ``None`` for a stock model.
+
+    A stored value that is not a dict (e.g. a hand-edited config.json) is a ``ValueError``.
+    """
     config = getattr(model, "config", None)
     value = getattr(config, CONFIG_KEY, None) if config is not None else None
-    return dict(value) if value else None
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(_not_a_dict(value, "model.config"))
+    return dict(value)
 
 
-def reapply(model: nn.Module) -> nn.Module:
-    """Re-apply the conversion stored in ``model.config.ode_bert`` (e.g. after loading a checkpoint)."""
-    stored = ode_config(model)
-    if stored is None:
+def _not_a_dict(value: Any, source: str) -> str:
+    shown = repr(value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    return (
+        f"{CONFIG_KEY} in {source} must be a JSON object of solver settings (as ode_bert.convert writes), "
+        f"got {type(value).__name__} {shown}; re-save the model from ode_bert, or remove the key to load "
+        f"the stock model"
+    )
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+_TYPE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "version": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "solver": (lambda v: isinstance(v, str), "a solver name (string)"),
+    "layers": (
+        lambda v: isinstance(v, str)
+        or (isinstance(v, list) and all(_is_int(i) for i in v)),
+        "a list of layer indices or a layer string such as 'all' or '0-5'",
+    ),
+    "step": (_is_number, "a number"),
+    "field": (lambda v: isinstance(v, str), "a field framing name (string)"),
+    "root": (lambda v: v is None or isinstance(v, str), "null or a root finder name (string)"),
+    "grad": (lambda v: v is None or isinstance(v, str), "null or a gradient mode name (string)"),
+    "tol": (lambda v: v is None or _is_number(v), "null or a number"),
+    "max_iter": (lambda v: v is None or _is_int(v), "null or an integer"),
+    "solver_options": (lambda v: isinstance(v, dict), "a JSON object of solver options"),
+}
+
+
+def check_stored_config(value: Any, source: str = "model.config") -> dict[str, Any]:
+    """Validate a stored ``config.ode_bert`` value and return the full settings of the current version.
+
+    ``source`` names where it came from (e.g. the config.json path), for the messages. A configuration
+    without a "version" key was saved before versioning and is read as version 1, which always had every
+    key of ``CONFIG_KEYS_V1``. Missing keys, keys of the wrong type, unknown keys and versions newer than
+    ``CONFIG_VERSION`` are ``ValueError`` naming the key and ``source``: a stored setting is never replaced
+    by a default silently. Only a key added after the configuration's version (``CONFIG_ADDED_KEYS``) takes
+    its documented default, with a ``UserWarning``.
+
+    Unknown keys are errors rather than warnings: every ode-bert that writes a key also writes a version
+    that names it, so an unknown key at a known version is a typo or a hand edit, and ignoring it would
+    load a model that computes something other than what was saved.
+    """
+    if not isinstance(value, dict):
+        raise ValueError(_not_a_dict(value, source))
+    where = f"{CONFIG_KEY} in {source}"
+    version = value.get("version", 1)
+    check, expected = _TYPE_CHECKS["version"]
+    if not check(version):
+        raise ValueError(f"{where}: key 'version' must be {expected}, got {version!r}")
+    if version > CONFIG_VERSION:
+        raise ValueError(
+            f"{where} has version {version}, written by a newer ode-bert; this ode-bert reads versions "
+            f"1..{CONFIG_VERSION}: upgrade ode-bert to load this model"
+        )
+    known = set(CONFIG_KEYS_V1) | set(CONFIG_ADDED_KEYS) | ({"version"} if version >= 2 else set())
+    unknown = [k for k in value if k not in known]
+    if unknown:
+        hints = "".join(_suggest(str(k), sorted(known)) for k in unknown)
+        raise ValueError(
+            f"{where}: unknown key(s) {', '.join(map(repr, unknown))} for config version {version}.{hints} "
+            f"Valid keys: {', '.join(sorted(known))}"
+        )
+    required = list(CONFIG_KEYS_V1) + [k for k, (added, _) in CONFIG_ADDED_KEYS.items() if added <= version]
+    missing = [k for k in required if k not in value]
+    if missing:
+        raise ValueError(
+            f"{where}: missing key(s) {', '.join(map(repr, missing))}; config version {version} requires "
+            f"{', '.join(required)}. The file is incomplete or was edited: re-save the model from ode_bert"
+        )
+    settings = dict(value)
+    for key, (added, default) in CONFIG_ADDED_KEYS.items():
+        if key not in settings:
+            warnings.warn(
+                f"{where} (config version {version}) has no {key!r}, added in version {added}: using "
+                f"the default {default!r}, which is what older versions did",
+                UserWarning,
+                stacklevel=3,
+            )
+            settings[key] = copy.deepcopy(default)
+    for key, setting in settings.items():
+        if key in _TYPE_CHECKS:
+            check, expected = _TYPE_CHECKS[key]
+            if not check(setting):
+                raise ValueError(f"{where}: key {key!r} must be {expected}, got {setting!r}")
+    settings["version"] = CONFIG_VERSION
+    return settings
+
+
+def reapply(model: nn.Module, source: str = "model.config") -> nn.Module:
+    """Re-apply the conversion stored in ``model.config.ode_bert`` (e.g. after loading a checkpoint).
+
+    The stored value is validated by ``check_stored_config``; ``source`` names where it came from (the
+    config.json path) in the messages. Settings a solver rejects are a ``ValueError`` naming ``source`` too.
+    """
+    config = getattr(model, "config", None)
+    value = getattr(config, CONFIG_KEY, None) if config is not None else None
+    if value is None:
         return model
-    stored_options = dict(stored.pop("solver_options", None) or {})
-    return convert(model, **stored, **stored_options)
+    settings = check_stored_config(value, source)
+    settings.pop("version")
+    stored_options = settings.pop("solver_options")
+    clash = sorted(set(stored_options) & set(settings))
+    if clash:
+        raise ValueError(f"{CONFIG_KEY} in {source}: solver_options repeat the key(s) {', '.join(clash)}")
+    try:
+        return convert(model, **settings, **stored_options)
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"{CONFIG_KEY} in {source} cannot be applied: {err}") from err
 
 
 @dataclass(frozen=True)

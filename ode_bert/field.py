@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from solvers._registry import _suggest
+
 FRAMINGS: tuple[str, ...] = ("residual", "layer")
 
 LayerForward = Callable[..., Any]
@@ -27,8 +29,9 @@ LayerForward = Callable[..., Any]
 
 def check_framing(framing: str) -> str:
     """Return ``framing`` if it is a known framing, else raise a ``ValueError`` listing the valid ones."""
-    if framing not in FRAMINGS:
-        raise ValueError(f"Unknown field framing {framing!r}. Valid framings: {', '.join(FRAMINGS)}")
+    if not isinstance(framing, str) or framing not in FRAMINGS:
+        hint = _suggest(framing, list(FRAMINGS)) if isinstance(framing, str) else ""
+        raise ValueError(f"Unknown field framing {framing!r}.{hint} Valid framings: {', '.join(FRAMINGS)}")
     return framing
 
 
@@ -61,6 +64,41 @@ def split_hidden(layer: nn.Module, args: Sequence[Any], kwargs: dict[str, Any]) 
 
 
 MASK_ARGUMENT_NAMES: tuple[str, ...] = ("attention_mask", "attn_mask", "mask")
+CACHE_ARGUMENT_NAMES: tuple[str, ...] = (
+    "cache", "past_key_value", "past_key_values", "layer_past", "cache_params", "past"
+)
+
+
+def cache_argument(
+    layer: nn.Module, hidden: Tensor, args: Sequence[Any], kwargs: dict[str, Any]
+) -> str | None:
+    """The name of a key/value cache the layer call receives (not ``None``), or ``None`` if it gets none.
+
+    ``args``/``kwargs`` are the layer call's arguments besides ``hidden`` (see ``split_hidden``). A cache is
+    an argument named like one (``CACHE_ARGUMENT_NAMES``: ``cache``, ``past_key_value(s)``, ``layer_past``,
+    ...) that is not ``None``, or any argument that is a transformers ``Cache``. A layer that receives a
+    cache appends the keys and values of every evaluation to it.
+    """
+    try:
+        from transformers.cache_utils import Cache
+    except ImportError:  # pragma: no cover - transformers always has it in the supported versions
+        Cache = ()  # noqa: N806
+    for name, value in kwargs.items():
+        if value is not None and (name in CACHE_ARGUMENT_NAMES or isinstance(value, Cache)):
+            return name
+    if not args:
+        return None
+    try:
+        bound = inspect.signature(type(layer).forward).bind_partial(layer, hidden, *args).arguments
+    except TypeError:
+        bound = {}
+    for name in CACHE_ARGUMENT_NAMES:
+        if bound.get(name) is not None:
+            return name
+    for position, value in enumerate(args):
+        if isinstance(value, Cache):
+            return f"positional argument {position + 1}"
+    return None
 
 
 def real_token_mask(

@@ -98,3 +98,19 @@ def test_implicit_euler_solves_its_equation_on_minilm(
         assert stat.residual == pytest.approx(residual.item(), rel=0.05, abs=1e-6)
         assert 1 <= stat.iterations <= 40 and stat.nfev >= stat.iterations + 1
         assert not torch.allclose(h_next, explicit, atol=1e-3)
+
+
+def test_saved_ode_minilm_says_how_to_load_and_reloads_exactly(tmp_path, inputs: dict) -> None:
+    model = convert(AutoModel.from_pretrained(MODEL_DIR).eval(), "rk4", step=0.5, layers="0-2")
+    with torch.no_grad():
+        want = model(**inputs).last_hidden_state
+    ode_bert.save_pretrained(model, tmp_path, tokenizer=AutoTokenizer.from_pretrained(MODEL_DIR))
+    card = (tmp_path / "README.md").read_text()
+    assert "ode_bert.from_pretrained" in card and "transformers.AutoModel)" in card
+    assert '"solver": "rk4"' in card
+    with torch.no_grad():  # what the card warns about: plain transformers silently gives the stock model
+        plain = AutoModel.from_pretrained(tmp_path).eval()(**inputs).last_hidden_state
+        stock = AutoModel.from_pretrained(MODEL_DIR).eval()(**inputs).last_hidden_state
+        loaded = ode_bert.from_pretrained(tmp_path).eval()(**inputs).last_hidden_state
+    assert torch.equal(plain, stock) and (plain - want).abs().max() > 0.1
+    assert torch.equal(loaded, want)
