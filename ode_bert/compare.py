@@ -3,7 +3,10 @@
 Every (variant, seed) run trains on the same examples and starts from the same classifier initialisation
 as the other variants with that seed, so differences to the baseline are paired by seed. Runs whose
 ``metrics.json`` exists are skipped and interrupted runs are resumed, so ``compare`` can be re-run after an
-interruption. Writes ``comparison.json``, ``comparison.md`` and ``comparison.png`` into ``output_dir``.
+interruption. A run is reused only if its saved settings (``train_config.json``) are the ones it would be
+run with and its ``metrics.json`` was evaluated the same way (``dev_samples``); every run is checked before
+any work starts, and a mismatch is refused with the differing keys. Writes ``comparison.json``,
+``comparison.md`` and ``comparison.png`` into ``output_dir``.
 """
 
 from __future__ import annotations
@@ -17,8 +20,17 @@ from typing import Any
 
 from scipy import stats
 
+from .data import check_data
 from .evaluate import METRICS_FILE, evaluate
-from .train import CONFIG_FILE, TrainConfig, atomic_open, train, write_json_atomic
+from .train import (
+    CONFIG_FILE,
+    RunDirError,
+    TrainConfig,
+    atomic_open,
+    check_run_dir,
+    train,
+    write_json_atomic,
+)
 
 METRICS = {"clean": "clean dev", "advglue": "AdvGLUE"}
 # Settings that a variant does not take: compare gives each variant only the solver settings that apply to it.
@@ -26,6 +38,47 @@ NOT_TAKEN = {
     "bert": {"solver", "layers", "step", "field", "root", "grad", "tol", "max_iter", "solver_options"},
     "ex": {"solver", "root", "grad", "tol", "max_iter", "solver_options"},
 }
+
+
+def reuse_problem(run_dir: Path, config: TrainConfig, dev_samples: int | None) -> str | None:
+    """Why the run in ``run_dir`` cannot be reused (or resumed) as ``config`` evaluated with
+    ``dev_samples`` (``None`` if it can: absent, unfinished with the same settings, or finished alike)."""
+    try:
+        check_run_dir(run_dir, config)
+    except (RunDirError, FileExistsError) as err:
+        return str(err).replace(f"cannot resume {run_dir}: ", "")
+    metrics_path = run_dir / METRICS_FILE
+    if not metrics_path.is_file():
+        return None
+    try:
+        metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return f"{metrics_path} is damaged ({err}); delete it to evaluate the run again"
+    if not isinstance(metrics, dict):
+        return f"{metrics_path} is damaged (not a dictionary); delete it to evaluate the run again"
+    expected = {"task": config.task, "variant": config.variant, "seed": config.seed}
+    expected["dev_samples"] = dev_samples
+    differing = sorted(k for k, v in expected.items() if metrics.get(k, "absent") != v)
+    if differing:
+        found = {k: metrics.get(k, "absent") for k in differing}
+        return (
+            f"{metrics_path} was evaluated with other settings: {differing} (has {found}, wanted "
+            f"{ {k: expected[k] for k in differing} }); delete it to evaluate the run again"
+        )
+    return None
+
+
+def check_reuse(plan: Sequence[tuple[Path, TrainConfig]], dev_samples: int | None) -> None:
+    """Refuse, before any work, to reuse or resume any run of ``plan`` whose settings differ (all named)."""
+    problems = [f"- {run_dir}: {problem}" for run_dir, config in plan
+                if (problem := reuse_problem(run_dir, config, dev_samples)) is not None]  # fmt: skip
+    if problems:
+        raise RunDirError(
+            f"{len(problems)} run(s) already in the output folder were made with other settings than asked "
+            "for now, so they are not reused (their results would be reported under the new settings):\n"
+            + "\n".join(problems)
+            + "\nUse another output folder, or delete these runs to make them again."
+        )
 
 
 def paired_difference(values: Sequence[float], baseline: Sequence[float]) -> dict[str, float | None]:
@@ -136,28 +189,38 @@ def compare(
         raise ValueError(f"baseline {baseline!r} must be one of the compared variants {list(variants)}")
     if len(set(seeds)) != len(seeds) or not seeds:
         raise ValueError(f"seeds must be distinct and non-empty, got {list(seeds)}")
+    if dev_samples is not None and (isinstance(dev_samples, bool) or not isinstance(dev_samples, int)
+                                    or dev_samples < 1):  # fmt: skip
+        raise ValueError(f"dev_samples must be a positive integer, got {dev_samples!r}")
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    scores: dict[str, dict[int, dict[str, float]]] = {}
+    if output_dir.exists() and not output_dir.is_dir():
+        raise RunDirError(f"output dir {output_dir} is a file, not a folder; choose another --output-dir")
+    plan: list[tuple[Path, TrainConfig]] = []
     for variant in variants:
-        scores[variant] = {}
         for seed in seeds:
             run_dir = output_dir / f"{variant}-seed{seed}"
-            metrics_path = run_dir / METRICS_FILE
-            if not metrics_path.is_file():
-                run_options = {k: v for k, v in train_options.items() if k not in NOT_TAKEN.get(variant, ())}
-                config = TrainConfig(
-                    task=task,
-                    variant=variant,
-                    seed=seed,
-                    output_dir=str(run_dir),
-                    data_dir=None if data_dir is None else str(data_dir),
-                    resume=(run_dir / CONFIG_FILE).is_file(),
-                    **run_options,
-                )
-                evaluate(train(config), dev_samples=dev_samples)
-            metrics = json.loads(metrics_path.read_text())
-            scores[variant][seed] = {metric: metrics[metric]["overall"] for metric in METRICS}
+            run_options = {k: v for k, v in train_options.items() if k not in NOT_TAKEN.get(variant, ())}
+            config = TrainConfig(
+                task=task,
+                variant=variant,
+                seed=seed,
+                output_dir=str(run_dir),
+                data_dir=None if data_dir is None else str(data_dir),
+                resume=(run_dir / CONFIG_FILE).is_file(),
+                **run_options,
+            )
+            config.validate()
+            plan.append((run_dir, config))
+    check_reuse(plan, dev_samples)
+    check_data(task, None if data_dir is None else str(data_dir))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    scores: dict[str, dict[int, dict[str, float]]] = {variant: {} for variant in variants}
+    for run_dir, config in plan:
+        metrics_path = run_dir / METRICS_FILE
+        if not metrics_path.is_file():
+            evaluate(train(config), dev_samples=dev_samples)
+        metrics = json.loads(metrics_path.read_text())
+        scores[config.variant][config.seed] = {metric: metrics[metric]["overall"] for metric in METRICS}
 
     summary = summarize(scores, baseline)
     first_run = json.loads((output_dir / f"{baseline}-seed{seeds[0]}" / METRICS_FILE).read_text())

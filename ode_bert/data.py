@@ -190,8 +190,11 @@ def read_tsv(path: Path, spec: TsvFile, task: Task) -> list[Example]:
         raise DataError(
             f"missing data file {path} (expected {spec.rows} {task.name} rows in GLUE TSV format)"
         )
-    with path.open(encoding="utf-8", newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    try:
+        with path.open(encoding="utf-8", newline="") as f:
+            rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    except (UnicodeDecodeError, csv.Error, OSError) as err:
+        raise DataError(f"{path}: cannot be read as a UTF-8 GLUE TSV file ({err})") from err
     if spec.has_header:
         if not rows:
             raise DataError(f"{path}: empty file, expected a header line")
@@ -265,7 +268,7 @@ def load_advglue(task: str, data_dir: str | os.PathLike[str] | None = None) -> d
     try:
         with path.open(encoding="utf-8") as f:
             data = json.load(f)
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
         raise DataError(f"{path}: not valid JSON ({err})") from err
     field_a, field_b = spec.advglue_fields
     result = {}
@@ -273,12 +276,18 @@ def load_advglue(task: str, data_dir: str | os.PathLike[str] | None = None) -> d
         if not isinstance(data, dict) or split not in data:
             raise DataError(f"{path}: no key {split!r}; expected keys sst2, qqp, mnli, mnli-mm, qnli, rte")
         examples = []
+        if not isinstance(data[split], list) or not data[split]:
+            raise DataError(f"{path}: {split!r} is not a non-empty list of examples")
         for i, item in enumerate(data[split]):
             wanted = [field_a, "label"] + ([field_b] if field_b else [])
             if not isinstance(item, dict) or any(k not in item for k in wanted):
                 raise DataError(f"{path}: {split}[{i}] lacks field(s); expected {wanted}")
+            texts = [field_a] + ([field_b] if field_b else [])
+            not_text = [k for k in texts if not isinstance(item[k], str)]
+            if not_text:
+                raise DataError(f"{path}: {split}[{i}] field(s) {not_text} are not text")
             label = item["label"]
-            if not isinstance(label, int) or not 0 <= label < spec.num_labels:
+            if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < spec.num_labels:
                 raise DataError(
                     f"{path}: {split}[{i}] has label {label!r}; expected 0..{spec.num_labels - 1}"
                 )
@@ -286,6 +295,23 @@ def load_advglue(task: str, data_dir: str | os.PathLike[str] | None = None) -> d
             examples.append(Example(item[field_a].strip(), text_b, label))
         result[split] = examples
     return result
+
+
+def check_data(
+    task: str, data_dir: str | os.PathLike[str] | None = None, include_train: bool = True
+) -> dict[str, int]:
+    """Load and check every data file a run of ``task`` uses (training, clean dev, AdvGLUE), so a missing
+    or damaged file fails in seconds, before training, with a ``DataError`` naming it. Returns the number of
+    examples per set (``train`` unless ``include_train`` is false, each clean dev and AdvGLUE split)."""
+    counts = {"train": len(load_train(task, data_dir))} if include_train else {}
+    for kind, sets in (("clean", load_clean_dev(task, data_dir)), ("advglue", load_advglue(task, data_dir))):
+        for split, examples in sets.items():
+            if not examples:
+                raise DataError(f"{kind} {split} of task {task} has no examples")
+            counts[f"{kind}/{split}"] = len(examples)
+    if include_train and not counts["train"]:
+        raise DataError(f"the training data of task {task} has no examples")
+    return counts
 
 
 def _largest_remainder(counts: dict[int, int], n: int) -> dict[int, int]:

@@ -26,7 +26,10 @@ from .train import (
     MODEL_DIR,
     Collator,
     EncodedDataset,
+    RunDirError,
     TrainConfig,
+    machine_record,
+    read_train_config,
     split_training_data,
     write_json_atomic,
 )
@@ -160,22 +163,33 @@ def evaluate(
         raise FileNotFoundError(
             f"{run_dir} is not a finished training run (expected {CONFIG_FILE} and {MODEL_DIR}/)"
         )
-    config = json.loads(config_path.read_text())
+    for name, value in (("dev_samples", dev_samples), ("batch_size", batch_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    config = read_train_config(run_dir)
+    try:
+        TrainConfig(**config).validate()
+    except (TypeError, ValueError) as err:
+        raise RunDirError(
+            f"{config_path} is damaged: its settings are not valid ({err}). To recover, restore the file or "
+            "train again in a new folder (--output-dir)"
+        ) from err
     data_dir = data_dir if data_dir is not None else config.get("data_dir")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = from_pretrained(run_dir / MODEL_DIR, AutoModelForSequenceClassification).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(run_dir / MODEL_DIR)
-
+    # the data first (seconds), so a missing or damaged file is named before the model is loaded
     clean = load_clean_dev(config["task"], data_dir)
     if dev_samples is not None:
         clean = {
             s: stratified_subset(exs, min(dev_samples, len(exs)), DEV_SUBSET_SEED) for s, exs in clean.items()
         }
     adv = load_advglue(config["task"], data_dir)
+    trained_on, heldout = split_training_data(TrainConfig(**{**config, "data_dir": data_dir}))
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = _load_run_model(run_dir / MODEL_DIR)
+    model = model.to(device)
     clean_metrics, clean_predictions = _score(model, tokenizer, clean, config["max_length"], batch_size)
     adv_metrics, adv_predictions = _score(model, tokenizer, adv, config["max_length"], batch_size)
 
-    trained_on, heldout = split_training_data(TrainConfig(**{**config, "data_dir": data_dir}))
     majority = Counter(ex.label for ex in trained_on).most_common(1)[0][0]
     for metrics_of_set, sets in ((clean_metrics, clean), (adv_metrics, adv)):
         metrics_of_set["constant_baseline"] = constant_baseline(sets, majority)
@@ -188,6 +202,7 @@ def evaluate(
         "variant": config["variant"],
         "seed": config["seed"],
         "dev_samples": dev_samples,
+        "machine": machine_record(),
         "clean": clean_metrics,
         "advglue": adv_metrics,
     }
@@ -197,6 +212,34 @@ def evaluate(
     write_json_atomic(run_dir / PREDICTIONS_FILE, predictions)
     write_json_atomic(run_dir / METRICS_FILE, metrics)
     return metrics
+
+
+def _load_run_model(model_dir: Path) -> tuple[torch.nn.Module, Any]:
+    """The trained model and tokenizer of a run, from safetensors only (no pickle, so loading runs no code);
+    a damaged file is a ``RunDirError`` naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    run_dir = model_dir.parent
+    recovery = (
+        f"to recover, train the run again in a new folder (--output-dir), or delete {model_dir} and "
+        f"{run_dir / 'train_history.json'} and run train --resume in {run_dir} (it trains again with the "
+        "saved settings)"
+    )
+    weights = sorted(model_dir.glob("*.safetensors"))
+    if not weights:
+        raise RunDirError(f"{model_dir} has no model weights (*.safetensors); " + recovery)
+    for path in weights:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except (SafetensorError, OSError) as err:
+            raise RunDirError(f"{path} is damaged or truncated ({err}); " + recovery) from err
+    try:
+        model = from_pretrained(model_dir, AutoModelForSequenceClassification, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as err:
+        raise RunDirError(f"{model_dir} cannot be loaded ({type(err).__name__}: {err}); " + recovery) from err
+    return model, tokenizer
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:

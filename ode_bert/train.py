@@ -2,26 +2,38 @@
 
 ``train(TrainConfig(...))`` writes a run directory::
 
-    train_config.json     the configuration (written first; ``evaluate`` reads the task from it)
-    checkpoint.pt         model + optimizer + scheduler + RNG states, after each epoch (removed at the end)
-    model/                the final model and tokenizer (``ode_bert.from_pretrained`` reloads the ODE model)
-    train_history.json    mean training loss per epoch; written last, it marks the run as complete
+    train_config.json        the configuration (``evaluate`` reads the task from it)
+    checkpoint.safetensors   model + optimizer + scheduler + RNG states, after each epoch (removed at the end)
+    model/                   the final model and tokenizer (``ode_bert.from_pretrained`` reloads it)
+    train_history.json       per epoch: mean training loss, implicit-solve convergence, the machine it ran on;
+                             written last, it marks the run as complete
 
-The data order of epoch ``e`` is a function of ``(seed, e)`` only, and the RNG states are restored from the
-checkpoint, so a resumed run ends with the same weights as an uninterrupted one. Runs unchanged under
-``accelerate launch -m ode_bert train ...``; on CUDA it trains with bf16 autocast.
+Every setting (including the conversion, by building the model) and the data files are checked before
+anything is written, so a run that fails at start-up leaves nothing behind. The data order of epoch ``e`` is
+a function of ``(seed, e)`` only, and the RNG states are restored from the checkpoint, so a resumed run ends
+with the same weights as an uninterrupted one. Runs unchanged under ``accelerate launch -m ode_bert train
+...``; on CUDA it trains with bf16 autocast.
+
+The checkpoint is a safetensors file, so loading it runs no code (a pickle, as ``torch.save`` writes, can):
+its tensors are the model's, the optimizer's and the torch RNG states; everything else (epoch, history,
+settings, scheduler state, Python and NumPy RNG states, the optimizer's non-tensor state) is JSON in the
+header's metadata, with tuples and non-string dictionary keys spelled out (see ``_encode``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
+import platform
 import random
+import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,15 +45,30 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup, set_seed
 
-from .convert import convert, ex_bert, im_bert
-from .data import Example, get_task, holdout_split, load_train, stratified_subset
+from solvers import ConvergenceWarning
+
+from .convert import convert, ex_bert, im_bert, solver_stats
+from .data import Example, check_data, get_task, holdout_split, load_train, stratified_subset
 from .pretrained import load_model
 
 VARIANTS = ("bert", "ex", "im", "ode")
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint.safetensors"
+LEGACY_CHECKPOINT = "checkpoint.pt"  # the pickle format of earlier versions: never loaded
+CHECKPOINT_FORMAT = "ode-bert-checkpoint-v1"
 CONFIG_FILE = "train_config.json"
 HISTORY_FILE = "train_history.json"
 MODEL_DIR = "model"
+# files of a run; a folder holding any of them (or model/) holds a run
+RUN_FILES = (CONFIG_FILE, CHECKPOINT, LEGACY_CHECKPOINT, HISTORY_FILE, "metrics.json", "predictions.json")
+# settings that say where a run is, not what it is: moving a run folder keeps it the same run
+LOCATION_SETTINGS = frozenset({"output_dir"})
+
+
+class RunDirError(OSError, ValueError):
+    """A run directory or one of its files cannot be used: missing, damaged, from other settings, or not
+    writable. The message names the file, what is wrong and how to recover. It is an ``OSError`` (it is
+    about files; ``errno`` is set for storage failures such as a full disk) and a ``ValueError`` (the
+    command line reports it as an error, not a traceback)."""
 
 
 @dataclass
@@ -94,6 +121,10 @@ class TrainConfig:
             raise ValueError("variant 'ex' is explicit Euler; use variant 'ode' to choose a solver")
         if self.variant == "im" and self.solver not in (None, "implicit_euler"):
             raise ValueError("variant 'im' is implicit Euler; use variant 'ode' to choose another solver")
+        for name in ("seed", "epochs", "batch_size", "max_length", "train_samples", "data_seed", "max_iter"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
         for name in ("epochs", "batch_size", "max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -103,6 +134,17 @@ class TrainConfig:
             raise ValueError(f"holdout must be a fraction in (0, 1), got {self.holdout}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        for name, low, inclusive in (("lr", 0.0, False), ("weight_decay", 0.0, True),
+                                     ("max_grad_norm", 0.0, False)):  # fmt: skip
+            value = getattr(self, name)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok or value < low or (value == low and not inclusive):
+                bound = ">= 0" if inclusive else "> 0"
+                raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+        if not isinstance(self.solver_options, dict):
+            raise ValueError(f"solver_options must be a dictionary, got {self.solver_options!r}")
+        if not isinstance(self.output_dir, (str, os.PathLike)) or not str(self.output_dir):
+            raise ValueError(f"output_dir must be a path, got {self.output_dir!r}")
 
     def conversion_kwargs(self) -> dict[str, Any]:
         """The keyword arguments for the conversion function of ``variant``, unset ones left out."""
@@ -157,6 +199,8 @@ def atomic_open(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
+            f.flush()
+            os.fsync(f.fileno())  # a full disk may only show here; the old file is kept then
     except BaseException:
         os.unlink(tmp)
         raise
@@ -221,7 +265,12 @@ class EpochSampler(Sampler[int]):
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    name, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
+    state = {
+        "python": random.getstate(),
+        "numpy": (name, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -229,16 +278,144 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _encode(value: Any, path: str, tensors: dict[str, torch.Tensor], storages: set[int]) -> Any:
+    """``value`` as JSON, its tensors moved into ``tensors`` under their path (``{"__tensor__": name}``).
+
+    Dictionaries become ``{"__dict__": [[key, value], ...]}`` (keys keep their type: the optimizer's are
+    ints), tuples ``{"__tuple__": [...]}``; anything but tensors, containers and JSON scalars is refused.
+    """
+    if isinstance(value, torch.Tensor):
+        name = path
+        while name in tensors:
+            name += "_"
+        tensor = value.detach().cpu().contiguous()
+        if tensor.numel() and tensor.untyped_storage().data_ptr() in storages:
+            tensor = tensor.clone()  # shared (tied) storage: safetensors stores each tensor on its own
+        if tensor.numel():
+            storages.add(tensor.untyped_storage().data_ptr())
+        tensors[name] = tensor
+        return {"__tensor__": name}
+    if isinstance(value, dict):
+        for key in value:
+            if not (key is None or isinstance(key, (str, int, float, bool))):
+                raise TypeError(f"checkpoint: cannot store dictionary key {key!r} at {path}")
+        return {"__dict__": [[k, _encode(v, f"{path}/{k}", tensors, storages)] for k, v in value.items()]}
+    if isinstance(value, (list, tuple)):
+        items = [_encode(v, f"{path}/{i}", tensors, storages) for i, v in enumerate(value)]
+        return {"__tuple__": items} if isinstance(value, tuple) else items
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise TypeError(f"checkpoint: cannot store {type(value).__name__} at {path}")
+
+
+def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The inverse of ``_encode``."""
+    if isinstance(value, list):
+        return [_decode(v, tensors) for v in value]
+    if isinstance(value, dict):
+        if set(value) == {"__tensor__"}:
+            return tensors[value["__tensor__"]]
+        if set(value) == {"__tuple__"}:
+            return tuple(_decode(v, tensors) for v in value["__tuple__"])
+        if set(value) == {"__dict__"}:
+            return {k: _decode(v, tensors) for k, v in value["__dict__"]}
+        raise ValueError(f"unexpected object with keys {sorted(value)}")
+    return value
+
+
+def _recovery(run_dir: Path) -> str:
+    return (
+        f"to recover, delete it and run again with --resume in {run_dir} (the run restarts from its last "
+        "intact checkpoint, or from epoch 1 if there is none, with the saved settings), or start again "
+        "in a new folder (--output-dir)"
+    )
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """``torch.save`` atomically (``atomic_open``), so an interrupted save keeps the old checkpoint."""
-    with atomic_open(path, "wb") as f:
-        torch.save(state, f)
+    """Write ``state`` as a safetensors checkpoint (module docstring) atomically (``atomic_open``): an
+    interrupted or failed save (e.g. a full disk) keeps the old checkpoint and leaves no temporary file."""
+    from safetensors.torch import save
+
+    tensors: dict[str, torch.Tensor] = {}
+    encoded = _encode(state, "state", tensors, set())
+    data = save(tensors, metadata={"format": CHECKPOINT_FORMAT, "state": json.dumps(encoded)})
+    try:
+        with atomic_open(path, "wb") as f:
+            f.write(data)
+    except OSError as err:
+        kept = "the previous checkpoint is kept" if path.is_file() else "no earlier checkpoint exists"
+        full = " (disk full)" if err.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        raise RunDirError(
+            err.errno,
+            f"could not write the checkpoint {path}{full}: {err.strerror or err}; {kept} and no temporary "
+            f"file is left. Free space (or fix the folder) and run again with --resume in {path.parent}",
+        ) from err
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint written by ``save_checkpoint``; no code in the file runs. A damaged or foreign
+    file is refused with a ``RunDirError`` that names it and says how to recover."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load
+
+    try:
+        data = path.read_bytes()
+        tensors = load(data)
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise RunDirError(
+            f"{path} is damaged or not an ode-bert checkpoint (not a complete safetensors file: {err}); "
+            + _recovery(path.parent)
+        ) from err
+    if metadata.get("format") != CHECKPOINT_FORMAT:
+        raise RunDirError(
+            f"{path} is not an ode-bert checkpoint (format {metadata.get('format')!r}, expected "
+            f"{CHECKPOINT_FORMAT!r}); " + _recovery(path.parent)
+        )
+    try:
+        state = _decode(json.loads(metadata["state"]), tensors)
+        required = {"model", "optimizer", "scheduler", "rng", "epoch", "history", "config"}
+        if not isinstance(state, dict) or not required <= set(state):
+            raise ValueError(f"entries {sorted(required - set(state or {}))} are missing")
+    except (KeyError, ValueError, TypeError) as err:
+        raise RunDirError(f"{path}: damaged checkpoint state ({err}); " + _recovery(path.parent)) from err
+    return state
+
+
+def machine_record() -> dict[str, Any]:
+    """The machine and software a run ran on (CPU model, library versions, threads, accelerator): results of
+    implicit solves can depend on them in the last digits, which a stopping decision can amplify."""
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    record: dict[str, Any] = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "device": "cpu",
+    }
+    if torch.cuda.is_available():
+        record["device"] = f"cuda: {torch.cuda.get_device_name()}"
+        record["cuda"] = torch.version.cuda
+    return record
 
 
 def _parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -255,27 +432,189 @@ def is_complete(run_dir: Path) -> bool:
     return (run_dir / HISTORY_FILE).is_file() and (run_dir / MODEL_DIR / "config.json").is_file()
 
 
-def _check_run_dir(run_dir: Path, config: TrainConfig) -> None:
-    """Refuse to overwrite another run, or to resume a run that was started with other settings."""
-    saved_path = run_dir / CONFIG_FILE
-    if not saved_path.is_file():
+def read_train_config(run_dir: Path) -> dict[str, Any]:
+    """The saved settings of the run in ``run_dir``; a missing or damaged file is a ``RunDirError``."""
+    path = Path(run_dir) / CONFIG_FILE
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise RunDirError(f"{path} is missing, so the settings of the run in {run_dir} are unknown") from err
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RunDirError(
+            f"{path} is damaged ({err}); the settings of the run are unknown. To recover, restore the file "
+            "(the settings are also in the checkpoint while the run is unfinished) or start again in a new "
+            "folder (--output-dir)"
+        ) from err
+    required = ("task", "variant", "seed", "max_length")
+    missing = [k for k in required if not isinstance(saved, dict) or k not in saved]
+    if missing:
+        raise RunDirError(
+            f"{path} is damaged: it is not a dictionary of training settings (lacks {missing}). To recover, "
+            "restore the file or start again in a new folder (--output-dir)"
+        )
+    return saved
+
+
+def settings_differ(saved: dict[str, Any], config: TrainConfig) -> list[str]:
+    """The settings (``train_config.json`` keys, location aside) in which ``saved`` and ``config`` differ."""
+    current = json.loads(json.dumps(config.to_json()))
+    keys = (set(saved) | set(current)) - LOCATION_SETTINGS
+    return sorted(k for k in keys if saved.get(k) != current.get(k))
+
+
+def _run_files(run_dir: Path) -> list[str]:
+    """The run files present in ``run_dir`` (``RUN_FILES`` and ``model/``)."""
+    names = [name for name in RUN_FILES if (run_dir / name).exists()]
+    return names + ([f"{MODEL_DIR}/"] if (run_dir / MODEL_DIR).exists() else [])
+
+
+def check_run_dir(run_dir: Path, config: TrainConfig) -> None:
+    """Refuse to overwrite another run, or to resume (or reuse) a run whose saved settings are missing,
+    damaged or differ from ``config``. Writes nothing."""
+    run_dir = Path(run_dir)
+    _check_output_dir(run_dir)
+    present = _run_files(run_dir) if run_dir.is_dir() else []
+    if not present:
         return
+    if CONFIG_FILE not in present:
+        raise RunDirError(
+            f"{run_dir} holds run files ({', '.join(present)}) but no {CONFIG_FILE}, so the settings they "
+            f"were made with are unknown and cannot be checked; it is neither resumed nor overwritten. To "
+            f"recover, restore {CONFIG_FILE} (a copy from where the run was made), or start again in a new "
+            "folder (--output-dir)"
+        )
     if not config.resume:
         raise FileExistsError(
             f"{run_dir} already holds a run; pass resume=True (--resume) or another output dir"
         )
-    saved = json.loads(saved_path.read_text())
-    current = json.loads(json.dumps(config.to_json()))
-    differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    differing = settings_differ(read_train_config(run_dir), config)
     if differing:
-        raise ValueError(f"cannot resume {run_dir}: settings differ from the saved run in {differing}")
+        raise RunDirError(f"cannot resume {run_dir}: settings differ from the saved run in {differing}")
+    if LEGACY_CHECKPOINT in present:
+        raise RunDirError(
+            f"{run_dir / LEGACY_CHECKPOINT} is a checkpoint in the pickle format of earlier ode-bert "
+            "versions; loading a pickle can run code, so it is not loaded. Delete it and run again with "
+            "--resume to restart this run from epoch 1 with its saved settings, or start again elsewhere"
+        )
+
+
+def _check_output_dir(run_dir: Path) -> None:
+    """Refuse an output dir that is a file or lies under one, or that cannot be written, before any write."""
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a file" if existing == run_dir else f"lies under {existing}, which is a file"
+        raise RunDirError(f"output dir {run_dir} {what}, not a folder; choose another --output-dir")
+    try:  # a real write: permission bits do not tell for root, read-only mounts or quotas
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".ode-bert-write-test.", suffix=".tmp")
+        os.close(fd)
+        Path(probe).unlink(missing_ok=True)
+    except OSError as err:
+        raise RunDirError(
+            err.errno,
+            f"output dir {run_dir} cannot be written ({existing}: {err.strerror or err}); choose a writable "
+            "--output-dir",
+        ) from err
+
+
+_ORPHAN = re.compile(r"^\.(?:.+\.[a-z0-9_]{8}\.tmp|model\.[a-z0-9_]{8})$")
+
+
+def remove_orphans(run_dir: Path) -> list[str]:
+    """Remove what an interrupted save left in ``run_dir`` (``atomic_open``'s ``.NAME.XXXXXXXX.tmp`` files,
+    ``_save_final``'s ``.model.XXXXXXXX`` folders); returns their names. Call it only while no other
+    process writes to ``run_dir``."""
+    removed = []
+    for entry in sorted(run_dir.iterdir()) if run_dir.is_dir() else []:
+        if not _ORPHAN.match(entry.name):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry.name)
+    return removed
+
+
+class SolveTally:
+    """Convergence of a model's implicit solves over many forwards: (example, layer) solves, converged ones,
+    worst relative residual, iterations (from ``solver_stats`` after each forward)."""
+
+    def __init__(self) -> None:
+        self.solves = self.converged = self.layer_solves = self.iterations = self.max_iterations = 0
+        self.max_residual: float | None = None
+        self.tol: float | None = None
+
+    def add(self, model: torch.nn.Module) -> None:
+        for stats in solver_stats(model):
+            if stats.root is None:
+                continue
+            self.layer_solves += 1
+            self.solves += stats.root.converged.numel()
+            self.converged += int(stats.root.converged.sum())
+            self.iterations += stats.iterations
+            self.max_iterations = max(self.max_iterations, stats.iterations)
+            if stats.residual is not None:
+                self.max_residual = max(self.max_residual or 0.0, float(stats.residual))
+            if stats.tol is not None:
+                self.tol = max(self.tol or 0.0, float(stats.tol))
+
+    def merge(self, accelerator: Any) -> SolveTally:
+        """The tally over all processes of a data-parallel run (itself in a single process)."""
+        if accelerator.num_processes == 1:
+            return self
+        values = torch.tensor(
+            [[self.solves, self.converged, self.layer_solves, self.iterations, self.max_iterations,
+              -1.0 if self.max_residual is None else self.max_residual,
+              -1.0 if self.tol is None else self.tol]],
+            dtype=torch.float64, device=accelerator.device,
+        )  # fmt: skip
+        rows = accelerator.gather(values).cpu().tolist()
+        total = SolveTally()
+        for solves, converged, layer_solves, iterations, max_iterations, residual, tol in rows:
+            total.solves += int(solves)
+            total.converged += int(converged)
+            total.layer_solves += int(layer_solves)
+            total.iterations += int(iterations)
+            total.max_iterations = max(total.max_iterations, int(max_iterations))
+            if residual >= 0:
+                total.max_residual = max(total.max_residual or 0.0, residual)
+            if tol >= 0:
+                total.tol = max(total.tol or 0.0, tol)
+        return total
+
+    def postfix(self) -> dict[str, str]:
+        if not self.solves:
+            return {}
+        return {"conv": f"{100 * self.converged / self.solves:.0f}%", "res": f"{self.max_residual or 0:.1e}"}
+
+    def record(self) -> dict[str, Any] | None:
+        """The figures for the run record (``None`` for a model without implicit solves)."""
+        if not self.layer_solves:
+            return None
+        return {
+            "example_solves": self.solves,
+            "example_converged": self.converged,
+            "example_converged_fraction": self.converged / self.solves if self.solves else None,
+            "layer_solves": self.layer_solves,
+            "mean_iterations": self.iterations / self.layer_solves,
+            "max_iterations": self.max_iterations,
+            "max_rel_residual": self.max_residual,
+            "tol": self.tol,
+        }
 
 
 def train(config: TrainConfig) -> Path:
-    """Fine-tune as ``config`` says; returns the run directory (see the module docstring for its files)."""
+    """Fine-tune as ``config`` says; returns the run directory (see the module docstring for its files).
+
+    Everything is checked before the first write: the settings (the conversion by building the model), the
+    run directory (another run, missing or differing saved settings, a file, not writable), the data files
+    and, on resume, the checkpoint. Leftovers of an interrupted save are removed when the run starts.
+    """
     config.validate()
     run_dir = Path(config.output_dir)
-    _check_run_dir(run_dir, config)
+    check_run_dir(run_dir, config)
     if config.resume and is_complete(run_dir):
         return run_dir
     try:
@@ -284,9 +623,9 @@ def train(config: TrainConfig) -> Path:
         raise ImportError("training needs HF Accelerate: pip install 'ode-bert[train]'") from err
     accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
     task = get_task(config.task)
+    # the evaluation data (clean dev, AdvGLUE) too: a damaged file fails now, not after training
+    check_data(config.task, config.data_dir, include_train=False)
     examples, _ = split_training_data(config)
-    if accelerator.is_main_process:
-        write_json_atomic(run_dir / CONFIG_FILE, config.to_json())
 
     set_seed(config.seed)  # the classifier head's initialisation depends on the seed only
     model, tokenizer = load_model(config.model, num_labels=task.num_labels)
@@ -304,38 +643,62 @@ def train(config: TrainConfig) -> Path:
         optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps
     )
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    accelerator.print(f"training on {accelerator.device} in {accelerator.num_processes} process(es)")
 
     checkpoint_path = run_dir / CHECKPOINT
     start_epoch, history = 0, []
     if config.resume and checkpoint_path.is_file():
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-        accelerator.unwrap_model(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
+        state = load_checkpoint(checkpoint_path)
+        _restore(state, checkpoint_path, config, accelerator.unwrap_model(model), optimizer, scheduler)
         start_epoch, history = state["epoch"] + 1, state["history"]
+
+    # Everything checked: from here on the run directory is written.
+    if accelerator.is_main_process:
+        removed = remove_orphans(run_dir)
+        if removed:
+            accelerator.print(f"removed leftovers of an interrupted save in {run_dir}: {', '.join(removed)}")
+        with _writing(run_dir / CONFIG_FILE):
+            write_json_atomic(run_dir / CONFIG_FILE, config.to_json())
+    accelerator.print(f"training on {accelerator.device} in {accelerator.num_processes} process(es)")
+    machine = machine_record()
 
     for epoch in range(start_epoch, config.epochs):
         loader.set_epoch(epoch)  # Accelerate passes it on to EpochSampler (else it counts epochs from 0)
         model.train()
         losses = []
+        tally = SolveTally()
         bar = tqdm(
             loader,
             desc=f"{config.variant} seed {config.seed} epoch {epoch + 1}/{config.epochs}",
             unit="batch",
             disable=not accelerator.is_local_main_process,
         )
-        for batch in bar:
-            loss = model(**batch).loss
-            accelerator.backward(loss)
-            accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        history.append({"epoch": epoch + 1, "mean_loss": float(np.mean(losses))})
+        # A solve that stops short warns once per forward; while training they are counted instead and
+        # reported once per epoch (bar, summary line, train_history.json). Interactive use keeps the warnings.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            for batch in bar:
+                loss = model(**batch).loss
+                tally.add(accelerator.unwrap_model(model))
+                accelerator.backward(loss)
+                accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+                losses.append(loss.item())
+                bar.set_postfix(
+                    loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", **tally.postfix()
+                )
+        solves = tally.merge(accelerator).record()
+        history.append({"epoch": epoch + 1, "mean_loss": float(np.mean(losses)), "solver": solves,
+                        "machine": machine})  # fmt: skip
+        if solves is not None and solves["example_converged"] < solves["example_solves"]:
+            accelerator.print(
+                f"epoch {epoch + 1}: {solves['example_converged']} of {solves['example_solves']} "
+                f"(example, layer) implicit solves converged to tol {solves['tol']:.0e} "
+                f"({100 * solves['example_converged_fraction']:.1f}%), worst relative residual "
+                f"{solves['max_rel_residual']:.2e}; per-batch warnings are off while training, "
+                f"{HISTORY_FILE} keeps these figures"
+            )
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             save_checkpoint(
@@ -347,16 +710,62 @@ def train(config: TrainConfig) -> Path:
                     "rng": _rng_state(),
                     "epoch": epoch,
                     "history": history,
+                    "config": config.to_json(),
                 },
             )
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _save_final(accelerator.unwrap_model(model), tokenizer, run_dir)
-        write_json_atomic(run_dir / HISTORY_FILE, history)
+        with _writing(run_dir / MODEL_DIR):
+            _save_final(accelerator.unwrap_model(model), tokenizer, run_dir)
+        with _writing(run_dir / HISTORY_FILE):
+            write_json_atomic(run_dir / HISTORY_FILE, history)
         checkpoint_path.unlink(missing_ok=True)
     accelerator.wait_for_everyone()  # no process returns before the run directory is complete
     return run_dir
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Turn a failed write of ``path`` (disk full, permissions) into a ``RunDirError`` that says what is kept
+    and how to go on."""
+    try:
+        yield
+    except BaseException as err:
+        remove_orphans(path.parent)  # the temporary file or folder of the failed save
+        if isinstance(err, RunDirError) or not isinstance(err, OSError):
+            raise
+        full = " (disk full)" if err.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        raise RunDirError(
+            err.errno,
+            f"could not write {path}{full}: {err.strerror or err}; the files already there are kept and no "
+            f"temporary file is left. Fix the cause and run again with --resume in {path.parent}",
+        ) from err
+
+
+def _restore(
+    state: dict[str, Any], path: Path, config: TrainConfig, model: torch.nn.Module, optimizer: Any,
+    scheduler: Any,
+) -> None:
+    """Load a checkpoint's state into the run; refuse one of other settings or of another model."""
+    saved = state.get("config")
+    differing = settings_differ(saved, config) if isinstance(saved, dict) else ["config (not recorded)"]
+    if differing:
+        raise RunDirError(
+            f"{path} belongs to a run with other settings (differing: {differing}); " + _recovery(path.parent)
+        )
+    epoch = state["epoch"]
+    if not isinstance(epoch, int) or not 0 <= epoch < config.epochs:
+        raise RunDirError(f"{path}: epoch {epoch!r} is not one of this run's; " + _recovery(path.parent))
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as err:
+        raise RunDirError(
+            f"{path} does not fit this run's model or optimizer ({err}); " + _recovery(path.parent)
+        ) from err
 
 
 def _save_final(model: torch.nn.Module, tokenizer: Any, run_dir: Path) -> None:
@@ -364,6 +773,9 @@ def _save_final(model: torch.nn.Module, tokenizer: Any, run_dir: Path) -> None:
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".model."))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    from .pretrained import write_model_card  # README.md: load with ode_bert.from_pretrained, not plain HF
+
+    write_model_card(tmp, model)
     final = run_dir / MODEL_DIR
     if final.exists():
         shutil.rmtree(final)

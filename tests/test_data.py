@@ -161,6 +161,38 @@ def test_malformed_advglue_errors(tmp_path: Path) -> None:
     path.write_text("{not json")
     with pytest.raises(data.DataError, match="not valid JSON"):
         data.load_advglue("rte", tmp_path)
+    path.write_text(json.dumps({"rte": [{"sentence1": None, "sentence2": "b", "label": 0}]}))
+    with pytest.raises(data.DataError, match=r"rte\[0\] field\(s\) \['sentence1'\] are not text"):
+        data.load_advglue("rte", tmp_path)
+    path.write_text(json.dumps({"rte": [{"sentence1": "a", "sentence2": "b", "label": True}]}))
+    with pytest.raises(data.DataError, match=r"rte\[0\] has label True"):
+        data.load_advglue("rte", tmp_path)
+    path.write_text(json.dumps({"rte": []}))
+    with pytest.raises(data.DataError, match="'rte' is not a non-empty list"):
+        data.load_advglue("rte", tmp_path)
+    path.write_bytes(b'{"rte": "\xff\xfe"}')
+    with pytest.raises(data.DataError, match="not valid JSON"):
+        data.load_advglue("rte", tmp_path)
+
+
+def test_binary_tsv_is_named(tmp_path: Path) -> None:
+    root = _write_rte(tmp_path, "index\tsentence1\tsentence2\tlabel\n")
+    (root / "glue" / "RTE" / "train.tsv").write_bytes(b"index\tsentence1\xff\xfe\x00\n")
+    with pytest.raises(data.DataError, match=r"train\.tsv: cannot be read as a UTF-8 GLUE TSV file"):
+        data.load_train("rte", root)
+
+
+@needs_data
+def test_check_data_reads_every_file_a_run_uses(tmp_path: Path) -> None:
+    assert data.check_data("mnli", DATA_DIR) == {
+        "train": 9999, "clean/mnli": 1000, "clean/mnli-mm": 1000, "advglue/mnli": 121, "advglue/mnli-mm": 162,
+    }  # fmt: skip
+    assert "train" not in data.check_data("rte", DATA_DIR, include_train=False)
+    broken = tmp_path / "data"
+    (broken / "glue").mkdir(parents=True)
+    (broken / "glue" / "MNLI").symlink_to(DATA_DIR / "glue" / "MNLI")
+    with pytest.raises(data.DataError, match=r"missing data file .*advglue/dev\.json"):
+        data.check_data("mnli", broken)
 
 
 def _toy(counts: dict[int, int]) -> list[data.Example]:

@@ -129,7 +129,7 @@ def test_train_and_evaluate_end_to_end(tiny_model: str, tmp_path: Path) -> None:
     run_dir = train(_config(tiny_model, tmp_path / "run", task="qqp"))  # 16 examples, batch 8: 2 steps
     assert json.loads((run_dir / "train_config.json").read_text())["task"] == "qqp"
     assert len(json.loads((run_dir / "train_history.json").read_text())) == 1
-    assert not (run_dir / "checkpoint.pt").exists()
+    assert not (run_dir / "checkpoint.safetensors").exists()
 
     metrics = evaluate(run_dir, dev_samples=40)
     assert json.loads((run_dir / "metrics.json").read_text()) == metrics
@@ -185,7 +185,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(
     with pytest.raises(Interrupted):
         train(_config(tiny_model, tmp_path / "resumed", epochs=2))
     monkeypatch.setattr(train_module, "save_checkpoint", real_save)
-    checkpoint = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
+    checkpoint = train_module.load_checkpoint(tmp_path / "resumed" / "checkpoint.safetensors")
     assert checkpoint["epoch"] == 0 and not (tmp_path / "resumed" / "model").exists()
 
     with pytest.raises(FileExistsError, match="resume"):
@@ -362,8 +362,8 @@ def test_grid_runs_plan_in_parallel_and_pairs_by_seed(
     linked = tmp_path / "linked"  # finished runs linked into a new folder are recorded there, once
     linked.mkdir()
     (linked / "sst2-n16").symlink_to(tmp_path / "sst2-n16")
-    for _ in range(2):
-        grid.main(["--plan", "tiny", "--seeds", "1", "2", "--out", str(linked)])
+    for _ in range(2):  # with the same settings: a reused run must match every one
+        grid.main([*argv[:argv.index("--out")], "--out", str(linked), *argv[argv.index("--out") + 2:]])
     relinked = [json.loads(line) for line in (linked / "results.jsonl").read_text().splitlines()]
     assert sorted((r["variant"], r["seed"]) for r in relinked) == runs
     assert all(r["seconds"] is None for r in relinked)

@@ -4,7 +4,9 @@ A group is one task and training size with named variants (BERT, EX-BERT, IM-BER
 paper's gradient-descent solver, ...), each run for every seed; the variants of a seed train on the same
 examples from the same classifier initialisation, so differences to BERT are paired by seed. Each run lives
 in ``OUT/<group>/<variant>-seed<seed>``: runs with a ``metrics.json`` are skipped (and recorded, with no wall
-time, if ``results.jsonl`` lacks them, e.g. runs linked in from another folder), interrupted ones resumed.
+time, if ``results.jsonl`` lacks them, e.g. runs linked in from another folder), interrupted ones resumed;
+both only if their saved settings (``train_config.json``, ``metrics.json``'s ``dev_samples``) are the ones
+the plan asks for: every run is checked before any starts, and a mismatch is refused with the differing keys.
 After every finished run ``results.jsonl`` gets a line and ``summary.json`` and ``tables.md`` are rewritten
 atomically, so stopping (``--deadline``, Ctrl-C, a kill) loses only the runs in flight.
 
@@ -29,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ode_bert.compare import METRICS, NOT_TAKEN, paired_difference, summarize
-from ode_bert.train import CONFIG_FILE, atomic_open, write_json_atomic
+from ode_bert.compare import METRICS, NOT_TAKEN, check_reuse, paired_difference, reuse_problem, summarize
+from ode_bert.train import CONFIG_FILE, RunDirError, TrainConfig, atomic_open, write_json_atomic
 
 BASELINE = "bert"
 # Fine-tuning settings of every run: the ones the IM-connection was chosen with (RESULTS.md).
@@ -105,6 +107,16 @@ class Job:
         return {**COMMON, "max_length": max_length, **options, **settings,
                 "task": self.group.task, "train_samples": self.group.train_samples, "seed": self.seed,
                 "output_dir": str(self.run_dir(out))}
+
+    def train_config(self, out: Path, options: dict[str, Any]) -> TrainConfig:
+        """This run's ``TrainConfig``, checked (resumed if its folder has settings already)."""
+        try:
+            config = TrainConfig(**self.config(out, options),
+                                 resume=(self.run_dir(out) / CONFIG_FILE).is_file())
+        except TypeError as err:
+            raise ValueError(f"unknown training setting in --set or the plan: {err}") from err
+        config.validate()
+        return config
 
 
 def plan_jobs(plans: list[str], seeds: list[int], groups: list[str] | None = None,
@@ -307,6 +319,8 @@ class Scheduler:
                  dev_samples: int | None, threads: int) -> None:
         self.out, self.workers, self.options, self.dev_samples = out, workers, options, dev_samples
         self.threads = threads
+        # before anything runs: every setting valid, and no run to reuse or resume made with other settings
+        check_reuse([(job.run_dir(out), job.train_config(out, options)) for job in jobs], dev_samples)
         self.results: list[dict[str, Any]] = []
         self.pending: deque[Job] = deque(job for job in jobs if not self._take_finished(job))
         self.total = len(jobs)
@@ -345,6 +359,10 @@ class Scheduler:
         metrics_path = job.run_dir(self.out) / "metrics.json"
         if not metrics_path.is_file():
             return False
+        run_dir = job.run_dir(self.out)
+        problem = reuse_problem(run_dir, job.train_config(self.out, self.options), self.dev_samples)
+        if problem is not None:
+            raise RunDirError(f"{run_dir} is not reused: {problem}")
         line = _result_line(job, json.loads(metrics_path.read_text()), None)
         self.results.append(line)
         if (job.group.name, job.variant, job.seed) not in self._recorded():
@@ -473,7 +491,10 @@ def main(argv: list[str] | None = None) -> None:
                      f"which have {sorted(offered)}")
     jobs = plan_jobs(args.plan, args.seeds, args.groups, args.variants)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
-    scheduler = Scheduler(out, jobs, args.workers, options, args.dev_samples, threads)
+    try:
+        scheduler = Scheduler(out, jobs, args.workers, options, args.dev_samples, threads)
+    except ValueError as err:  # a bad setting, or runs in --out made with other settings (RunDirError)
+        sys.exit(f"grid: error: {err}")
     print(f"{len(jobs)} runs, {len(scheduler.pending)} to do, {args.workers} at a time", flush=True)
     deadline = None if args.deadline is None else time.perf_counter() + args.deadline
     scheduler.run(deadline)
