@@ -7,6 +7,7 @@ A subcommand is one function registered with ``@command(name, help)``: it receiv
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
 import time
@@ -229,6 +230,28 @@ DEMO_OPTIONS = {
 }
 
 
+def _demo_settings(text: str) -> dict[str, object]:
+    """``--settings``: a JSON object whose keys are training settings; anything else is a usage error."""
+    try:
+        settings = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({err}): {text!r}") from None
+    if not isinstance(settings, dict):
+        example = json.dumps(DEMO_OPTIONS)
+        raise argparse.ArgumentTypeError(f"expected a JSON object like {example}, got {text!r}")
+    unknown = [key for key in settings if key not in _TRAINING_FIELDS]
+    if unknown:
+        hints = "".join(
+            f" ({key!r}: did you mean {close[0]!r}?)"
+            for key in unknown
+            if (close := difflib.get_close_matches(key, _TRAINING_FIELDS, n=1))
+        )
+        raise argparse.ArgumentTypeError(
+            f"unknown setting(s) {', '.join(map(repr, unknown))}{hints}; valid: {', '.join(_TRAINING_FIELDS)}"
+        )
+    return settings
+
+
 @command("demo", help="small real comparison on CPU: MiniLM, SST-2 low-resource, BERT vs IM-BERT")
 def _demo_command(parser: argparse.ArgumentParser) -> Handler:
     parser.set_defaults(task="sst2")
@@ -239,9 +262,10 @@ def _demo_command(parser: argparse.ArgumentParser) -> Handler:
     )
     parser.add_argument(
         "--settings",
-        type=json.loads,
+        type=_demo_settings,
         default={},
-        help=f"JSON overriding demo training settings (default {json.dumps(DEMO_OPTIONS)})",
+        help=f"JSON object overriding demo training settings (default {json.dumps(DEMO_OPTIONS)}); "
+        f"keys: {', '.join(_TRAINING_FIELDS)}",
     )
 
     def run(args: argparse.Namespace) -> None:
@@ -277,4 +301,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"ode-bert {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        hint = RESUME_HINTS.get(args.command, "")
+        print(f"\node-bert {args.command}: interrupted. {hint}", file=sys.stderr)
+        return 130
     return 0
+
+
+# What an interrupted command keeps, and how to go on (checkpoints are written after every epoch).
+RESUME_HINTS = {
+    "train": "Run the same command with --resume to continue from the last finished epoch.",
+    "compare": "Run the same command again: finished runs are kept, an interrupted run resumes from its "
+    "last finished epoch.",
+    "demo": "Run the same command again: finished runs are kept, an interrupted run resumes from its "
+    "last finished epoch.",
+    "eval": "Nothing was written; run the same command again.",
+}
