@@ -23,9 +23,17 @@ import torch
 from torch import Tensor, nn
 
 import solvers
-from solvers import ConvergenceError, ConvergenceWarning, Method, RootInfo, StepInfo, all_finite
-from solvers._registry import _suggest, option_names
-from solvers.registry import METHODS
+from solvers import (
+    METHODS,
+    ConvergenceError,
+    ConvergenceWarning,
+    Method,
+    RootInfo,
+    StepInfo,
+    all_finite,
+    option_names,
+    suggest,
+)
 
 from .field import LayerField, cache_argument, check_framing, real_token_mask, split_hidden, stock_forward
 
@@ -412,7 +420,7 @@ def _build_method(
     grad = given.get("grad")
     modes = solvers.available_grad_modes()
     if grad is not None and (not isinstance(grad, str) or grad not in modes):
-        hint = _suggest(grad, list(modes)) if isinstance(grad, str) else ""
+        hint = suggest(grad, list(modes)) if isinstance(grad, str) else ""
         raise ValueError(f"Unknown gradient mode {grad!r}.{hint} Valid modes: {', '.join(modes)}")
     accepted = option_names(cls)
     misplaced = [k for k in given if k not in accepted]
@@ -428,7 +436,7 @@ def _build_method(
         return solvers.get(solver, **options), "ignore", False
     on_failure = options.pop("on_failure", "warn")
     if not isinstance(on_failure, str) or on_failure not in ON_FAILURE_CHOICES:
-        hint = _suggest(on_failure, list(ON_FAILURE_CHOICES)) if isinstance(on_failure, str) else ""
+        hint = suggest(on_failure, list(ON_FAILURE_CHOICES)) if isinstance(on_failure, str) else ""
         choices = ", ".join(ON_FAILURE_CHOICES)
         raise ValueError(f"on_failure must be one of {choices}, got {on_failure!r}.{hint}".rstrip("."))
     options["on_failure"] = "ignore"  # the connection reports failures itself, naming the layer
@@ -634,7 +642,7 @@ def check_stored_config(value: Any, source: str = "model.config") -> dict[str, A
     known = set(CONFIG_KEYS_V1) | set(CONFIG_ADDED_KEYS) | ({"version"} if version >= 2 else set())
     unknown = [k for k in value if k not in known]
     if unknown:
-        hints = "".join(_suggest(str(k), sorted(known)) for k in unknown)
+        hints = "".join(suggest(str(k), sorted(known)) for k in unknown)
         raise ValueError(
             f"{where}: unknown key(s) {', '.join(map(repr, unknown))} for config version {version}.{hints} "
             f"Valid keys: {', '.join(sorted(known))}"

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from solvers._registry import _suggest
+from solvers import suggest
 
 FRAMINGS: tuple[str, ...] = ("residual", "layer")
 
@@ -30,7 +30,7 @@ LayerForward = Callable[..., Any]
 def check_framing(framing: str) -> str:
     """Return ``framing`` if it is a known framing, else raise a ``ValueError`` listing the valid ones."""
     if not isinstance(framing, str) or framing not in FRAMINGS:
-        hint = _suggest(framing, list(FRAMINGS)) if isinstance(framing, str) else ""
+        hint = suggest(framing, list(FRAMINGS)) if isinstance(framing, str) else ""
         raise ValueError(f"Unknown field framing {framing!r}.{hint} Valid framings: {', '.join(FRAMINGS)}")
     return framing
 

@@ -14,6 +14,7 @@ Imports torch and torchdiffeq only.
 
 from . import adaptive, explicit, implicit, roots  # noqa: F401  (register the built-in families)
 from ._base import (
+    ON_FAILURE,
     ButcherTableau,
     ConvergenceError,
     ConvergenceWarning,
@@ -24,12 +25,19 @@ from ._base import (
     RootInfo,
     StepBudgetError,
     StepInfo,
+    VectorField,
     all_finite,
+    check_on_failure,
     default_tol,
+    report_failure,
+    sample_norm,
 )
+from ._registry import option_names, suggest
 from .gradients import available_grad_modes, solve_fixed_point
 from .integrate import OdeintStats, odeint
 from .registry import (
+    METHODS,
+    ROOT_FINDERS,
     available,
     available_root_finders,
     get,
@@ -42,6 +50,9 @@ from .torchdiffeq_bridge import install_torchdiffeq
 install_torchdiffeq()
 
 __all__ = [
+    "METHODS",
+    "ON_FAILURE",
+    "ROOT_FINDERS",
     "ButcherTableau",
     "ConvergenceError",
     "ConvergenceWarning",
@@ -53,16 +64,22 @@ __all__ = [
     "RootInfo",
     "StepBudgetError",
     "StepInfo",
+    "VectorField",
     "all_finite",
     "available",
     "available_grad_modes",
     "available_root_finders",
+    "check_on_failure",
     "default_tol",
     "get",
     "get_root_finder",
     "install_torchdiffeq",
     "odeint",
+    "option_names",
     "register",
     "register_root_finder",
+    "report_failure",
+    "sample_norm",
     "solve_fixed_point",
+    "suggest",
 ]

@@ -25,6 +25,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from ._registry import suggest
+
 VectorField = Callable[[Tensor, Tensor], Tensor]
 FixedPointMap = Callable[[Tensor], Tensor]
 
@@ -35,6 +37,27 @@ class ConvergenceWarning(RuntimeWarning):
 
 class ConvergenceError(RuntimeError):
     """A root finder stopped before reaching its tolerance and ``on_failure='raise'`` was set."""
+
+
+ON_FAILURE: tuple[str, ...] = ("warn", "raise", "ignore")
+
+
+def check_on_failure(value: object, name: str = "on_failure") -> str:
+    """``value`` if it is a failure policy (``ON_FAILURE``), else a ``ValueError`` naming the choices."""
+    if not isinstance(value, str) or value not in ON_FAILURE:
+        hint = suggest(value, list(ON_FAILURE)) if isinstance(value, str) else ""
+        raise ValueError(f"{name} must be one of {', '.join(ON_FAILURE)}, got {value!r}.{hint}".rstrip("."))
+    return value
+
+
+def report_failure(policy: str, message: str, stacklevel: int = 3) -> None:
+    """Act on a solve that stopped short, as ``policy`` says: ``"raise"`` a ``ConvergenceError``, ``"warn"``
+    with a ``ConvergenceWarning`` (``stacklevel`` as for ``warnings.warn``, counted from the caller), or
+    ``"ignore"``. The one place that policy is written."""
+    if policy == "raise":
+        raise ConvergenceError(message)
+    if policy == "warn":
+        warnings.warn(message, ConvergenceWarning, stacklevel=stacklevel + 1)
 
 
 class DivergenceError(FloatingPointError):
@@ -168,8 +191,7 @@ class RootFinder(abc.ABC):
             raise ValueError(f"tol must be a number in (0, 1) or None, got {tol!r}")
         if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
             raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
-        if on_failure not in ("warn", "raise", "ignore"):
-            raise ValueError(f"on_failure must be one of 'warn', 'raise', 'ignore', got {on_failure!r}")
+        check_on_failure(on_failure)
         self.tol = tol
         self.max_iter = max_iter
         self.on_failure = on_failure
@@ -205,9 +227,7 @@ class RootFinder(abc.ABC):
         message = f"root finder {self.name!r} did not converge: {info.summary()}" + (
             "" if finite else " (non-finite residual: the iteration diverged; last finite iterate kept)"
         )
-        if self.on_failure == "raise":
-            raise ConvergenceError(message)
-        warnings.warn(message, ConvergenceWarning, stacklevel=3)
+        report_failure(self.on_failure, message, stacklevel=3)
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())

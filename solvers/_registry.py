@@ -9,7 +9,8 @@ from typing import Any, Generic, TypeVar
 T = TypeVar("T")
 
 
-def _suggest(name: str, choices: list[str]) -> str:
+def suggest(name: str, choices: list[str]) -> str:
+    """`` Did you mean 'x'?`` for the closest of ``choices`` to ``name``, or ``""`` when none is close."""
     close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
     return f" Did you mean {close[0]!r}?" if close else ""
 
@@ -66,7 +67,7 @@ class Registry(Generic[T]):
         if isinstance(name, str) and name in self._entries:
             return self._entries[name]
         choices = self.available()
-        hint = _suggest(name, choices) if isinstance(name, str) else ""
+        hint = suggest(name, choices) if isinstance(name, str) else ""
         raise ValueError(f"Unknown {self.kind} {name!r}.{hint} Valid names: {', '.join(choices)}")
 
     def get(self, name: str, **options: Any) -> T:
@@ -76,7 +77,7 @@ class Registry(Generic[T]):
         for key in options:
             if key not in valid:
                 raise ValueError(
-                    f"Unknown option {key!r} for {self.kind} {name!r}.{_suggest(key, valid)} "
+                    f"Unknown option {key!r} for {self.kind} {name!r}.{suggest(key, valid)} "
                     f"Valid options: {', '.join(valid) if valid else '(none)'}"
                 )
         return cls(**options)

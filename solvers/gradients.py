@@ -12,18 +12,16 @@
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from ._base import ConvergenceError, ConvergenceWarning, FixedPointMap, RootFinder, RootInfo
+from ._base import FixedPointMap, RootFinder, RootInfo, check_on_failure, report_failure
 from .registry import get_root_finder
 
 # (g, z0, finder, what to do if the adjoint solve fails) -> (z, info)
 GradMode = Callable[[FixedPointMap, Tensor, RootFinder, str], tuple[Tensor, RootInfo]]
-ON_FAILURE = ("warn", "raise", "ignore")
 GRAD_MODES: dict[str, GradMode] = {}
 
 
@@ -69,10 +67,7 @@ def solve_fixed_point(
         raise TypeError(f"finder must be a RootFinder or a root-finder name, got {type(finder).__name__}")
     if adjoint_on_failure is None:
         adjoint_on_failure = finder.on_failure
-    if adjoint_on_failure not in ON_FAILURE:
-        raise ValueError(
-            f"adjoint_on_failure must be one of {', '.join(ON_FAILURE)}, got {adjoint_on_failure!r}"
-        )
+    check_on_failure(adjoint_on_failure, "adjoint_on_failure")
     return mode(g, z0, finder, adjoint_on_failure)
 
 
@@ -143,9 +138,7 @@ class _AdjointHook:
         with torch.no_grad():
             u, info = self.finder.solve(adjoint_map, v.detach())
         info.solver = self.finder.name
-        if not info.all_converged and self.on_failure != "ignore":
+        if not info.all_converged:
             message = f"adjoint solve of the implicit gradient did not converge: {info.summary()}"
-            if self.on_failure == "raise":
-                raise ConvergenceError(message)
-            warnings.warn(message, ConvergenceWarning, stacklevel=2)
+            report_failure(self.on_failure, message, stacklevel=2)
         return u

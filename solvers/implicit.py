@@ -24,10 +24,11 @@ from ._base import (
     StepInfo,
     VectorField,
     as_time,
+    check_on_failure,
     check_state,
     check_step,
 )
-from .gradients import ON_FAILURE, check_grad_mode, solve_fixed_point
+from .gradients import check_grad_mode, solve_fixed_point
 from .registry import get_root_finder, register
 
 DEFAULT_ROOT = "anderson"
@@ -74,10 +75,7 @@ class ImplicitRK(Method):
         clash = sorted({"tol", "max_iter", "on_failure"} & set(root_options))
         if clash:
             raise ValueError(f"pass {', '.join(clash)} as step options, not inside root_options")
-        if adjoint_on_failure not in ON_FAILURE:
-            raise ValueError(
-                f"adjoint_on_failure must be one of {', '.join(ON_FAILURE)}, got {adjoint_on_failure!r}"
-            )
+        check_on_failure(adjoint_on_failure, "adjoint_on_failure")
         if init not in INITIAL_GUESSES:
             raise ValueError(f"init must be one of {', '.join(map(repr, INITIAL_GUESSES))}, got {init!r}")
         self.root = root

@@ -29,7 +29,7 @@ from torchdiffeq._impl.odeint import SOLVERS
 from torchdiffeq._impl.solvers import FixedGridODESolver
 
 from ._base import Method
-from ._registry import _suggest, option_names
+from ._registry import option_names, suggest
 from .registry import METHODS, get
 
 BRIDGED_METHODS = ("implicit_euler", "trapezoid", "implicit_midpoint")  # our method names
@@ -65,7 +65,7 @@ class SolversFixedGrid(FixedGridODESolver):
             if key not in valid and key not in PASSED_BY_TORCHDIFFEQ:
                 raise ValueError(
                     f"Unknown option {key!r} for torchdiffeq method {BRIDGE_PREFIX + self.method_name!r}."
-                    f"{_suggest(key, valid)} Valid options: {', '.join(valid)}"
+                    f"{suggest(key, valid)} Valid options: {', '.join(valid)}"
                 )
         step_options = {key: options.pop(key) for key in list(options) if key in ours}
         super().__init__(func, y0, **options)
