@@ -9,12 +9,7 @@ The configuration is stored in ``model.config.ode_bert`` and survives ``save_pre
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import json
-import math
-import re
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,132 +18,11 @@ import torch
 from torch import Tensor, nn
 
 import solvers
-from solvers import (
-    METHODS,
-    ConvergenceError,
-    ConvergenceWarning,
-    Method,
-    RootInfo,
-    StepInfo,
-    all_finite,
-    option_names,
-    suggest,
-)
+from solvers import Method, RootInfo, StepInfo, all_finite
 
-from .field import LayerField, cache_argument, check_framing, real_token_mask, split_hidden, stock_forward
-
-CONFIG_KEY = "ode_bert"
-# The stored configuration (``model.config.ode_bert``, saved in config.json) is versioned. Version 1 is every
-# configuration saved before the "version" key existed: it has always had exactly ``CONFIG_KEYS_V1``, and
-# loading requires all of them. Version 2 adds the "version" key. A key introduced in a later version goes
-# into ``CONFIG_ADDED_KEYS`` with the version that introduced it and the default that reproduces what older
-# versions did: a configuration older than that version loads with the default and a warning; a newer one
-# must have the key. Unknown keys are an error (see ``check_stored_config``).
-CONFIG_VERSION = 2
-CONFIG_KEYS_V1: tuple[str, ...] = (
-    "solver", "layers", "step", "field", "root", "grad", "tol", "max_iter", "solver_options"
-)
-CONFIG_ADDED_KEYS: dict[str, tuple[int, Any]] = {}  # key -> (version that added it, default for older ones)
-IMPLICIT_ONLY_OPTIONS: tuple[str, ...] = ("root", "grad", "tol", "max_iter")
-ON_FAILURE_CHOICES: tuple[str, ...] = ("warn", "raise", "ignore")
-SUPPORTED_ENCODERS = (
-    "BERT-style encoders with an nn.ModuleList of transformer blocks, e.g. BERT/MiniLM (encoder.layer), "
-    "RoBERTa, ELECTRA, DistilBERT (transformer.layer)"
-)
-
-# IM-BERT / EX-BERT defaults, chosen on held-out training data (RESULTS.md, "Choosing the IM-connection"):
-# among residual/step 1, residual/step 0.5 and layer/step 0.25, fine-tuned IM-MiniLM scored best on a
-# held-out part of its SST-2 training subset with field="residual", step 0.5, where the implicit equation
-# z = (h + 0.5 Layer(z)) / 1.5 is also cheap to solve (a median of 9 Anderson evaluations per MiniLM layer
-# to relative residual 1e-4, BENCHMARKS.md); the tolerance and iteration cap match that. The later search over
-# layers and iteration caps (upper half, max_iter 10) did not separate from these on held-out data, so they
-# stay. EX-BERT uses the same field and step, so the two differ only in the explicit vs implicit connection.
-IM_BERT_LAYERS: str = "all"
-IM_BERT_STEP: float = 0.5
-IM_BERT_FIELD: str = "residual"
-IM_BERT_TOL: float = 1e-4
-IM_BERT_MAX_ITER: int = 20
-EX_BERT_LAYERS: str = "all"
-EX_BERT_STEP: float = IM_BERT_STEP
-EX_BERT_FIELD: str = IM_BERT_FIELD
-
-
-# --------------------------------------------------------------------------------------------------
-# Finding and selecting layers
-# --------------------------------------------------------------------------------------------------
-
-
-def _is_block_list(module: nn.Module) -> bool:
-    """A non-empty ModuleList of same-typed composite modules (transformer blocks, not plain Linears)."""
-    if not isinstance(module, nn.ModuleList) or len(module) == 0:
-        return False
-    first = module[0]
-    return all(type(m) is type(first) for m in module) and len(list(first.children())) >= 2
-
-
-def find_layers(model: nn.Module) -> nn.ModuleList:
-    """The ``ModuleList`` of the encoder's transformer blocks, found by searching the module tree.
-
-    Candidates are ModuleLists of same-typed composite blocks whose length equals the config's
-    ``num_hidden_layers`` (when the model has one); the shallowest wins. Encoder-decoder models and
-    models without such a list raise ``TypeError`` naming what is supported.
-    """
-    config = getattr(model, "config", None)
-    if getattr(config, "is_encoder_decoder", False):
-        raise TypeError(
-            f"{type(model).__name__} is an encoder-decoder model; ode_bert supports {SUPPORTED_ENCODERS}"
-        )
-    depth = getattr(config, "num_hidden_layers", None)
-    candidates = [
-        (name, module)
-        for name, module in model.named_modules()
-        if _is_block_list(module) and (depth is None or len(module) == depth)
-    ]
-    if not candidates:
-        raise TypeError(
-            f"no encoder layer list found in {type(model).__name__}; ode_bert supports {SUPPORTED_ENCODERS}"
-        )
-    shallowest = min(name.count(".") for name, _ in candidates)
-    top = [(name, module) for name, module in candidates if name.count(".") == shallowest]
-    if len(top) > 1:
-        names = ", ".join(name for name, _ in top)
-        raise TypeError(
-            f"ambiguous encoder layer lists in {type(model).__name__} ({names}); "
-            f"ode_bert supports {SUPPORTED_ENCODERS}"
-        )
-    return top[0][1]
-
-
-def parse_layers(spec: str | Sequence[int], num_layers: int) -> list[int]:
-    """Sorted layer indices from ``"all"``, ``"0-5"``, ``"0,2,4"``, ``"0-2,5"`` or a list of ints."""
-    valid = f"valid layer indices are 0..{num_layers - 1} (e.g. 'all', '0-{num_layers - 1}', '0,2', [0, 2])"
-    if isinstance(spec, str):
-        if spec.strip() == "all":
-            return list(range(num_layers))
-        indices: list[int] = []
-        for part in spec.split(","):
-            match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
-            if match is None:
-                raise ValueError(f"bad layer specification {spec!r}: cannot read {part!r}; {valid}")
-            start = int(match.group(1))
-            stop = int(match.group(2)) if match.group(2) is not None else start
-            if stop < start:
-                raise ValueError(f"bad layer range {part.strip()!r} in {spec!r} (start > end); {valid}")
-            indices.extend(range(start, stop + 1))
-    elif isinstance(spec, Sequence) and all(isinstance(i, int) and not isinstance(i, bool) for i in spec):
-        indices = list(spec)
-    else:
-        raise ValueError(f"layers must be a string or a sequence of ints, got {spec!r}; {valid}")
-    if not indices:
-        raise ValueError(f"no layers selected by {spec!r}; {valid}")
-    bad = [i for i in indices if not 0 <= i < num_layers]
-    if bad:
-        raise ValueError(f"layer indices {bad} out of range in {spec!r}; {valid}")
-    duplicates = sorted({i for i in indices if indices.count(i) > 1})
-    if duplicates:
-        raise ValueError(f"duplicate layer indices {duplicates} in {spec!r}; {valid}")
-    return sorted(indices)
-
+from .field import LayerField, cache_argument, real_token_mask, split_hidden, stock_forward
+from .layers import find_layers, parse_layers
+from .settings import CONFIG_KEY, SETTING_NAMES, ODESettings, not_a_dict
 
 # --------------------------------------------------------------------------------------------------
 # The ODE connection
@@ -260,7 +134,6 @@ class ODEConnection:
         step: float,
         framing: str,
         on_failure: str,
-        report: bool,
         original: Callable[..., Any] | None,
     ) -> None:
         self.layer = layer
@@ -270,7 +143,6 @@ class ODEConnection:
         self.step = step
         self.framing = framing
         self.on_failure = on_failure
-        self.report = report
         self.original = original
         self.last_info: StepInfo | None = None
 
@@ -373,15 +245,13 @@ class ODEConnection:
 
     def _check_convergence(self, info: StepInfo) -> None:
         root = info.root
-        if not self.report or root is None or self.on_failure == "ignore" or root.all_converged:
+        if root is None or self.on_failure == "ignore" or root.all_converged:
             return
         message = (
             f"ODE connection of layer {self.index} ({self.solver}) did not converge: max relative residual "
             f"{root.max_rel_residual:.3g} ({root.summary()})"
         )
-        if self.on_failure == "raise":
-            raise ConvergenceError(message)
-        warnings.warn(message, ConvergenceWarning, stacklevel=3)
+        solvers.report_failure(self.on_failure, message, stacklevel=3)
 
     def __repr__(self) -> str:
         return (
@@ -411,44 +281,12 @@ def _connections(model: nn.Module) -> list[ODEConnection]:
     return [c for c in forwards if isinstance(c, ODEConnection)]
 
 
-def _build_method(
-    solver: str, implicit_options: dict[str, Any], solver_options: dict[str, Any]
-) -> tuple[Method, str, bool]:
-    """Instantiate the step method; returns it, the ``on_failure`` policy, and whether we report failures."""
-    cls = METHODS.lookup(solver)
-    given = {k: v for k, v in implicit_options.items() if v is not None}
-    grad = given.get("grad")
-    modes = solvers.available_grad_modes()
-    if grad is not None and (not isinstance(grad, str) or grad not in modes):
-        hint = suggest(grad, list(modes)) if isinstance(grad, str) else ""
-        raise ValueError(f"Unknown gradient mode {grad!r}.{hint} Valid modes: {', '.join(modes)}")
-    accepted = option_names(cls)
-    misplaced = [k for k in given if k not in accepted]
-    if misplaced:
-        implicit = [name for name, klass in METHODS.items() if klass.implicit]
-        raise ValueError(
-            f"option(s) {', '.join(misplaced)} apply to implicit solvers only "
-            f"({', '.join(implicit) or 'none registered'}); solver {solver!r} does not take them"
-        )
-    options = {**solver_options, **given}
-    report = "on_failure" in accepted
-    if not report:  # let the registry reject on_failure (and any other unknown option) by name
-        return solvers.get(solver, **options), "ignore", False
-    on_failure = options.pop("on_failure", "warn")
-    if not isinstance(on_failure, str) or on_failure not in ON_FAILURE_CHOICES:
-        hint = suggest(on_failure, list(ON_FAILURE_CHOICES)) if isinstance(on_failure, str) else ""
-        choices = ", ".join(ON_FAILURE_CHOICES)
-        raise ValueError(f"on_failure must be one of {choices}, got {on_failure!r}.{hint}".rstrip("."))
-    options["on_failure"] = "ignore"  # the connection reports failures itself, naming the layer
-    return solvers.get(solver, **options), on_failure, report
-
-
 def convert(
     model: nn.Module,
-    solver: str = "implicit_euler",
-    layers: str | Sequence[int] = "all",
-    step: float = 1.0,
-    field: str = "residual",
+    solver: str | ODESettings = "implicit_euler",
+    layers: str | Sequence[int] | None = None,
+    step: float | None = None,
+    field: str | None = None,
     root: str | None = None,
     grad: str | None = None,
     tol: float | None = None,
@@ -457,30 +295,39 @@ def convert(
 ) -> nn.Module:
     """Make the selected encoder layers ODE-solver steps, in place; returns ``model``.
 
-    ``solver`` is a name from ``solvers.available()``; ``field`` is ``"residual"`` (``f = Layer(h) - h``;
-    ``euler`` with ``step=1`` is the stock model) or ``"layer"`` (``f = Layer(h)``, the IM-BERT drawing).
-    ``root``, ``grad``, ``tol``, ``max_iter`` go to implicit solvers only; other ``solver_options``
-    (e.g. ``rtol``/``atol`` for adaptive solvers, ``on_failure``) go to the solver. Converting a converted
-    model reconfigures it from scratch. Implicit solvers hold padding positions fixed: their outputs are
-    not the layer's, and only real tokens enter the root finder's residual (see ``ODEConnection``).
+    ``solver`` is an ``ODESettings`` or a solver name from ``solvers.available()``. With a name, the other
+    arguments make the settings: ``convert(model, "rk4", layers="0-2", step=0.5)`` is ``convert(model,
+    ODESettings(solver="rk4", layers="0-2", step=0.5))``; unset (``None``) ones take the ``ODESettings``
+    defaults (every layer, step 1, ``field="residual"``, the solver's own ``root``/``grad``/``tol``/
+    ``max_iter``). With an ``ODESettings``, set arguments replace its fields and other keywords are added to
+    its ``solver_options``. See ``ODESettings`` for what each setting means; ``field="residual"`` with
+    ``euler`` and step 1 is the stock model.
+
+    Converting a converted model reconfigures it from scratch. Implicit solvers hold padding positions
+    fixed: their outputs are not the layer's, and only real tokens enter the root finder's residual (see
+    ``ODEConnection``). The settings are stored in ``model.config.ode_bert`` (``ODESettings.to_dict``, with
+    the layers as indices).
     """
-    check_framing(field)
-    if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step) or step <= 0:
-        raise ValueError(f"step must be a positive finite number, got {step!r}")
+    given = {"layers": layers, "step": step, "field": field, "root": root, "grad": grad, "tol": tol,
+             "max_iter": max_iter}  # fmt: skip
+    given = {k: v for k, v in given.items() if v is not None}
+    if not isinstance(solver, ODESettings):
+        settings = ODESettings(solver=solver, **given, solver_options=solver_options)
+    elif given or solver_options:
+        settings = dataclasses.replace(
+            solver, **given, solver_options={**solver.solver_options, **solver_options}
+        )
+    else:
+        settings = solver
     layer_list = find_layers(model)
-    indices = parse_layers(layers, len(layer_list))
-    implicit_options = {"root": root, "grad": grad, "tol": tol, "max_iter": max_iter}
-    method, on_failure, report = _build_method(solver, implicit_options, dict(solver_options))
-    try:
-        json.dumps(solver_options)
-    except TypeError as err:
-        raise TypeError(f"solver options must be JSON-serialisable (saved with the model): {err}") from None
+    indices = parse_layers(settings.layers, len(layer_list))
+    method = settings.make_method(on_failure="ignore")  # the connections report failures, naming the layer
     if not _is_single_evaluation(method) and _decoder_with_cache(model, layer_list):
         raise ValueError(
             f"{type(model).__name__} is a decoder configured with use_cache=True: its layers receive a "
-            f"key/value cache, and solver {solver!r} evaluates each layer more than once per step, so every "
-            f"evaluation would append to the cache. ode_bert does not support that yet: load the model "
-            f"with use_cache=False (from_pretrained(..., use_cache=False)) or set "
+            f"key/value cache, and solver {settings.solver!r} evaluates each layer more than once per step, "
+            f"so every evaluation would append to the cache. ode_bert does not support that yet: load the "
+            f"model with use_cache=False (from_pretrained(..., use_cache=False)) or set "
             f"model.config.use_cache = False before convert, and call it with use_cache=False; or use "
             f"solver='euler' (one evaluation per layer)"
         )
@@ -490,22 +337,12 @@ def convert(
         layer = layer_list[index]
         original = layer.__dict__.get("forward")
         layer.forward = ODEConnection(
-            layer, index, solver, method, float(step), field, on_failure, report, original
-        )
+            layer, index, settings.solver, method, settings.step, settings.field, settings.on_failure,
+            original,
+        )  # fmt: skip
     config = getattr(model, "config", None)
     if config is not None:
-        setattr(config, CONFIG_KEY, {
-            "version": CONFIG_VERSION,
-            "solver": solver,
-            "layers": indices,
-            "step": float(step),
-            "field": field,
-            "root": root,
-            "grad": grad,
-            "tol": tol,
-            "max_iter": max_iter,
-            "solver_options": dict(solver_options),
-        })
+        setattr(config, CONFIG_KEY, {**settings.to_dict(), "layers": indices})
     return model
 
 
@@ -534,163 +371,65 @@ def unconvert(model: nn.Module) -> nn.Module:
     return model
 
 
-def im_bert(
-    model: nn.Module,
-    layers: str | Sequence[int] = IM_BERT_LAYERS,
-    step: float = IM_BERT_STEP,
-    field: str = IM_BERT_FIELD,
-    root: str | None = None,
-    grad: str | None = None,
-    tol: float | None = IM_BERT_TOL,
-    max_iter: int | None = IM_BERT_MAX_ITER,
-    **kw: Any,
-) -> nn.Module:
-    """IM-BERT: implicit Euler IM-connections, ``h_next = h + step * f(h_next)`` on the selected layers.
+def _convert_preset(model: nn.Module, name: str, changes: dict[str, Any]) -> nn.Module:
+    """``convert`` with ``ODESettings.preset(name)``; ``changes`` are settings, or else solver options."""
+    fields = {k: v for k, v in changes.items() if k in SETTING_NAMES}
+    options = {k: v for k, v in changes.items() if k not in SETTING_NAMES}
+    if options:
+        fields["solver_options"] = {**fields.get("solver_options", {}), **options}
+    return convert(model, ODESettings.preset(name, **fields))
 
-    By default ``f = Layer(h) - h`` with step 0.5 on every layer (``field="layer"``, ``f = Layer(h)``, is the
-    connection as drawn in the paper); defaults chosen on held-out data, see the module constants.
+
+def im_bert(model: nn.Module, **changes: Any) -> nn.Module:
+    """IM-BERT: implicit Euler IM-connections, ``h_next = h + step * f(h_next)``, on the selected layers.
+
+    ``convert(model, ODESettings.preset("im", **changes))``: by default ``f = Layer(h) - h`` with step 0.5 on
+    every layer, solved to relative residual 1e-4 in at most 20 iterations (``field="layer"``, ``f =
+    Layer(h)``, is the connection as drawn in the paper); defaults chosen on held-out data, see
+    ``ode_bert.settings.PRESETS``. ``changes`` are settings (``layers``, ``step``, ``root``, ``tol=None``
+    for the solver's default, ...) or solver options (e.g. ``on_failure="raise"``).
     """
-    return convert(model, "implicit_euler", layers, step, field, root, grad, tol, max_iter, **kw)
+    return _convert_preset(model, "im", changes)
 
 
-def ex_bert(
-    model: nn.Module,
-    layers: str | Sequence[int] = EX_BERT_LAYERS,
-    step: float = EX_BERT_STEP,
-    field: str = EX_BERT_FIELD,
-) -> nn.Module:
-    """EX-BERT, the explicit control: ``h + step * f(h)`` with IM-BERT's default field and step."""
-    return convert(model, "euler", layers, step, field)
+def ex_bert(model: nn.Module, **changes: Any) -> nn.Module:
+    """EX-BERT, the explicit control: ``h + step * f(h)`` with IM-BERT's default field and step.
+
+    ``convert(model, ODESettings.preset("ex", **changes))``; ``changes`` are settings (``layers``,
+    ``step``, ``field``).
+    """
+    return _convert_preset(model, "ex", changes)
 
 
 def ode_config(model: nn.Module) -> dict[str, Any] | None:
     """The stored conversion settings (``model.config.ode_bert``), or ``None`` for a stock model.
 
-    A stored value that is not a dict (e.g. a hand-edited config.json) is a ``ValueError``.
+    A stored value that is not a dict (e.g. a hand-edited config.json) is a ``ValueError``. The settings
+    object: ``ODESettings.from_dict(ode_config(model))``.
     """
     config = getattr(model, "config", None)
     value = getattr(config, CONFIG_KEY, None) if config is not None else None
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise ValueError(_not_a_dict(value, "model.config"))
+        raise ValueError(not_a_dict(value, "model.config"))
     return dict(value)
-
-
-def _not_a_dict(value: Any, source: str) -> str:
-    shown = repr(value)
-    shown = shown if len(shown) <= 60 else shown[:57] + "..."
-    return (
-        f"{CONFIG_KEY} in {source} must be a JSON object of solver settings (as ode_bert.convert writes), "
-        f"got {type(value).__name__} {shown}; re-save the model from ode_bert, or remove the key to load "
-        f"the stock model"
-    )
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-_TYPE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "version": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "solver": (lambda v: isinstance(v, str), "a solver name (string)"),
-    "layers": (
-        lambda v: isinstance(v, str)
-        or (isinstance(v, list) and all(_is_int(i) for i in v)),
-        "a list of layer indices or a layer string such as 'all' or '0-5'",
-    ),
-    "step": (_is_number, "a number"),
-    "field": (lambda v: isinstance(v, str), "a field framing name (string)"),
-    "root": (lambda v: v is None or isinstance(v, str), "null or a root finder name (string)"),
-    "grad": (lambda v: v is None or isinstance(v, str), "null or a gradient mode name (string)"),
-    "tol": (lambda v: v is None or _is_number(v), "null or a number"),
-    "max_iter": (lambda v: v is None or _is_int(v), "null or an integer"),
-    "solver_options": (lambda v: isinstance(v, dict), "a JSON object of solver options"),
-}
-
-
-def check_stored_config(value: Any, source: str = "model.config") -> dict[str, Any]:
-    """Validate a stored ``config.ode_bert`` value and return the full settings of the current version.
-
-    ``source`` names where it came from (e.g. the config.json path), for the messages. A configuration
-    without a "version" key was saved before versioning and is read as version 1, which always had every
-    key of ``CONFIG_KEYS_V1``. Missing keys, keys of the wrong type, unknown keys and versions newer than
-    ``CONFIG_VERSION`` are ``ValueError`` naming the key and ``source``: a stored setting is never replaced
-    by a default silently. Only a key added after the configuration's version (``CONFIG_ADDED_KEYS``) takes
-    its documented default, with a ``UserWarning``.
-
-    Unknown keys are errors rather than warnings: every ode-bert that writes a key also writes a version
-    that names it, so an unknown key at a known version is a typo or a hand edit, and ignoring it would
-    load a model that computes something other than what was saved.
-    """
-    if not isinstance(value, dict):
-        raise ValueError(_not_a_dict(value, source))
-    where = f"{CONFIG_KEY} in {source}"
-    version = value.get("version", 1)
-    check, expected = _TYPE_CHECKS["version"]
-    if not check(version):
-        raise ValueError(f"{where}: key 'version' must be {expected}, got {version!r}")
-    if version > CONFIG_VERSION:
-        raise ValueError(
-            f"{where} has version {version}, written by a newer ode-bert; this ode-bert reads versions "
-            f"1..{CONFIG_VERSION}: upgrade ode-bert to load this model"
-        )
-    known = set(CONFIG_KEYS_V1) | set(CONFIG_ADDED_KEYS) | ({"version"} if version >= 2 else set())
-    unknown = [k for k in value if k not in known]
-    if unknown:
-        hints = "".join(suggest(str(k), sorted(known)) for k in unknown)
-        raise ValueError(
-            f"{where}: unknown key(s) {', '.join(map(repr, unknown))} for config version {version}.{hints} "
-            f"Valid keys: {', '.join(sorted(known))}"
-        )
-    required = list(CONFIG_KEYS_V1) + [k for k, (added, _) in CONFIG_ADDED_KEYS.items() if added <= version]
-    missing = [k for k in required if k not in value]
-    if missing:
-        raise ValueError(
-            f"{where}: missing key(s) {', '.join(map(repr, missing))}; config version {version} requires "
-            f"{', '.join(required)}. The file is incomplete or was edited: re-save the model from ode_bert"
-        )
-    settings = dict(value)
-    for key, (added, default) in CONFIG_ADDED_KEYS.items():
-        if key not in settings:
-            warnings.warn(
-                f"{where} (config version {version}) has no {key!r}, added in version {added}: using "
-                f"the default {default!r}, which is what older versions did",
-                UserWarning,
-                stacklevel=3,
-            )
-            settings[key] = copy.deepcopy(default)
-    for key, setting in settings.items():
-        if key in _TYPE_CHECKS:
-            check, expected = _TYPE_CHECKS[key]
-            if not check(setting):
-                raise ValueError(f"{where}: key {key!r} must be {expected}, got {setting!r}")
-    settings["version"] = CONFIG_VERSION
-    return settings
 
 
 def reapply(model: nn.Module, source: str = "model.config") -> nn.Module:
     """Re-apply the conversion stored in ``model.config.ode_bert`` (e.g. after loading a checkpoint).
 
-    The stored value is validated by ``check_stored_config``; ``source`` names where it came from (the
-    config.json path) in the messages. Settings a solver rejects are a ``ValueError`` naming ``source`` too.
+    The stored value is read by ``ODESettings.from_dict``; ``source`` names where it came from (the
+    config.json path) in the messages. Settings that do not fit the model are a ``ValueError`` naming
+    ``source`` too.
     """
     config = getattr(model, "config", None)
     value = getattr(config, CONFIG_KEY, None) if config is not None else None
     if value is None:
         return model
-    settings = check_stored_config(value, source)
-    settings.pop("version")
-    stored_options = settings.pop("solver_options")
-    clash = sorted(set(stored_options) & set(settings))
-    if clash:
-        raise ValueError(f"{CONFIG_KEY} in {source}: solver_options repeat the key(s) {', '.join(clash)}")
+    settings = ODESettings.from_dict(value, source)
     try:
-        return convert(model, **settings, **stored_options)
+        return convert(model, settings)
     except (ValueError, TypeError) as err:
         raise type(err)(f"{CONFIG_KEY} in {source} cannot be applied: {err}") from err
 

@@ -8,6 +8,7 @@ A residual encoder layer computes ``h[l+1] = Layer_l(h[l])``. Two framings turn 
   paper: EX-connection ``h + s * Layer(h)``, IM-connection ``h_next = h + s * Layer(h_next)``.
 
 Layer ``l`` is active on the time interval ``[l, l + 1)``; within it the field does not depend on ``t``.
+The framings' names are ``ode_bert.settings.FRAMINGS``.
 """
 
 from __future__ import annotations
@@ -20,19 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from solvers import suggest
-
-FRAMINGS: tuple[str, ...] = ("residual", "layer")
+from .layers import find_layers
+from .settings import check_framing
 
 LayerForward = Callable[..., Any]
-
-
-def check_framing(framing: str) -> str:
-    """Return ``framing`` if it is a known framing, else raise a ``ValueError`` listing the valid ones."""
-    if not isinstance(framing, str) or framing not in FRAMINGS:
-        hint = suggest(framing, list(FRAMINGS)) if isinstance(framing, str) else ""
-        raise ValueError(f"Unknown field framing {framing!r}.{hint} Valid framings: {', '.join(FRAMINGS)}")
-    return framing
 
 
 def stock_forward(layer: nn.Module) -> LayerForward:
@@ -185,10 +177,6 @@ class LayerField:
         """Jacobian-vector product ``(df/dh) v`` at ``h`` (double backward: use eager attention on CPU)."""
         return torch.autograd.functional.jvp(lambda x: self(0.0, x), h, v)[1]
 
-    def vjp(self, h: Tensor, v: Tensor) -> Tensor:
-        """Vector-Jacobian product ``v^T (df/dh)`` at ``h``."""
-        return torch.autograd.functional.vjp(lambda x: self(0.0, x), h, v)[1]
-
     def jacobian(self, h: Tensor) -> Tensor:
         """Dense Jacobian ``df/dh`` at ``h``, shaped ``h.shape + h.shape`` (only for small states)."""
         return torch.autograd.functional.jacobian(lambda x: self(0.0, x), h)
@@ -204,8 +192,6 @@ class LayerField:
         evaluated standalone, e.g. for stability analysis. The fields use the stock layers; the input
         states are those of the model as it is (on a converted model, the ODE solution at each layer).
         """
-        from .convert import find_layers  # local import: convert depends on this module
-
         layers = find_layers(model)
         captured: dict[int, tuple[Tensor, tuple, dict]] = {}
 

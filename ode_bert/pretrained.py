@@ -11,7 +11,8 @@ from typing import Any
 import transformers
 from torch import nn
 
-from .convert import CONFIG_KEY, ode_config, reapply
+from .convert import ode_config, reapply
+from .settings import CONFIG_KEY
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 MODEL_CARD = "README.md"
@@ -78,7 +79,7 @@ def from_pretrained(
     A checkpoint saved from a converted model carries ``config.ode_bert``; the loaded model is converted
     the same way, so it computes the same outputs. A stock checkpoint loads as a stock model. A stored
     configuration that is incomplete or malformed is a ``ValueError`` naming the key and the config.json
-    (see ``ode_bert.convert.check_stored_config``); a local path that does not exist is a
+    (see ``ode_bert.ODESettings.from_dict``); a local path that does not exist is a
     ``FileNotFoundError`` naming it (not a hub lookup).
     """
     path = resolve_model_path(None if path_or_name is None else str(path_or_name))

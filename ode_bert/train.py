@@ -34,10 +34,10 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,11 +47,13 @@ from transformers import get_linear_schedule_with_warmup, set_seed
 
 from solvers import ConvergenceWarning
 
-from .convert import convert, ex_bert, im_bert, solver_stats
+from .convert import convert, solver_stats
 from .data import Example, check_data, get_task, holdout_split, load_train, stratified_subset
+from .encoding import Collator, EncodedDataset
+from .io import atomic_open, write_json_atomic
 from .pretrained import load_model
+from .settings import SETTING_NAMES, ODESettings, OptionalSettings, settings_for_variant
 
-VARIANTS = ("bert", "ex", "im", "ode")
 CHECKPOINT = "checkpoint.safetensors"
 LEGACY_CHECKPOINT = "checkpoint.pt"  # the pickle format of earlier versions: never loaded
 CHECKPOINT_FORMAT = "ode-bert-checkpoint-v1"
@@ -72,26 +74,27 @@ class RunDirError(OSError, ValueError):
 
 
 @dataclass
-class TrainConfig:
-    """Everything that defines a fine-tuning run.
-
-    ``variant``: ``bert`` (stock model), ``ex`` (EX-BERT), ``im`` (IM-BERT) or ``ode`` (``convert`` with
-    ``solver``). The solver options (``layers`` ... ``max_iter``, ``solver_options``) are passed on only when
-    set, so ``None`` means the default of ``im_bert``/``ex_bert``/``convert``.
-    """
+class _RunTask:
+    """The first fields of ``TrainConfig`` (before the solver settings, as in train_config.json)."""
 
     task: str = "sst2"
     model: str | None = None  # hub name or local path; None = the offline all-MiniLM-L6-v2
     variant: str = "im"
-    solver: str | None = None
-    layers: str | list[int] | None = None
-    step: float | None = None
-    field: str | None = None
-    root: str | None = None
-    grad: str | None = None
-    tol: float | None = None
-    max_iter: int | None = None
-    solver_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig(OptionalSettings, _RunTask):
+    """Everything that defines a fine-tuning run.
+
+    ``variant``: ``bert`` (stock model), ``ex`` (EX-BERT), ``im`` (IM-BERT) or ``ode`` (``convert`` with
+    ``solver``). The solver settings are the fields of ``ODESettings`` (``solver``, ``layers``, ``step``,
+    ``field``, ``root``, ``grad``, ``tol``, ``max_iter``, ``solver_options``), inherited from
+    ``OptionalSettings`` after ``task``, ``model``, ``variant``: set ones are passed on, so ``None`` (an
+    empty ``solver_options``) means the variant's default (``ODESettings.preset("ex")``/``"im"``, the
+    ``ODESettings`` defaults for ``ode``). ``settings()`` is the conversion; which settings a variant
+    takes is ``ode_bert.settings.settings_taken_by``.
+    """
+
     epochs: int = 3
     batch_size: int = 32
     lr: float = 2e-5
@@ -110,17 +113,9 @@ class TrainConfig:
     def validate(self) -> None:
         """Reject bad settings early, naming the valid choices."""
         get_task(self.task)
-        if self.variant not in VARIANTS:
-            raise ValueError(f"unknown variant {self.variant!r}; valid variants: {', '.join(VARIANTS)}")
-        solver_settings = {k: getattr(self, k) for k in ("solver", "root", "grad", "tol", "max_iter")}
-        if self.variant == "bert" and (
-            any(v is not None for v in solver_settings.values()) or self.solver_options
-        ):
-            raise ValueError("variant 'bert' is the stock model and takes no solver options")
-        if self.variant == "ex" and any(v is not None for v in solver_settings.values()):
-            raise ValueError("variant 'ex' is explicit Euler; use variant 'ode' to choose a solver")
-        if self.variant == "im" and self.solver not in (None, "implicit_euler"):
-            raise ValueError("variant 'im' is implicit Euler; use variant 'ode' to choose another solver")
+        if not isinstance(self.solver_options, dict):
+            raise ValueError(f"solver_options must be a dictionary, got {self.solver_options!r}")
+        self.settings()  # the variant takes the solver settings given, and they are valid
         for name in ("seed", "epochs", "batch_size", "max_length", "train_samples", "data_seed", "max_iter"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
@@ -141,20 +136,14 @@ class TrainConfig:
             if not ok or value < low or (value == low and not inclusive):
                 bound = ">= 0" if inclusive else "> 0"
                 raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
-        if not isinstance(self.solver_options, dict):
-            raise ValueError(f"solver_options must be a dictionary, got {self.solver_options!r}")
         if not isinstance(self.output_dir, (str, os.PathLike)) or not str(self.output_dir):
             raise ValueError(f"output_dir must be a path, got {self.output_dir!r}")
 
-    def conversion_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments for the conversion function of ``variant``, unset ones left out."""
-        names = ["layers", "step", "field"]
-        if self.variant in ("im", "ode"):
-            names += ["root", "grad", "tol", "max_iter"]
-        kwargs = {k: getattr(self, k) for k in names if getattr(self, k) is not None}
-        if self.variant in ("im", "ode"):
-            kwargs.update(self.solver_options)
-        return kwargs
+    def settings(self) -> ODESettings | None:
+        """The conversion of this run: the variant's settings with the ones set here (``None``: ``bert``).
+
+        A setting the variant does not take, or one the solver rejects, is a ``ValueError`` naming it."""
+        return settings_for_variant(self.variant, **{name: getattr(self, name) for name in SETTING_NAMES})
 
     def to_json(self) -> dict[str, Any]:
         """The settings saved in ``train_config.json``, without ``resume`` (how, not what, a run is)."""
@@ -165,14 +154,8 @@ class TrainConfig:
 
 def apply_variant(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
     """Convert ``model`` in place as ``config.variant`` says (``bert`` leaves it unchanged)."""
-    kwargs = config.conversion_kwargs()
-    if config.variant == "ex":
-        return ex_bert(model, **kwargs)
-    if config.variant == "im":
-        return im_bert(model, **kwargs)
-    if config.variant == "ode":
-        return convert(model, config.solver or "implicit_euler", **kwargs)
-    return model
+    settings = config.settings()
+    return model if settings is None else convert(model, settings)
 
 
 def split_training_data(config: TrainConfig) -> tuple[list[Example], list[Example]]:
@@ -187,62 +170,6 @@ def split_training_data(config: TrainConfig) -> tuple[list[Example], list[Exampl
     if config.holdout is None:
         return examples, []
     return holdout_split(examples, config.holdout, data_seed)
-
-
-@contextlib.contextmanager
-def atomic_open(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
-    """Open a temporary file beside ``path`` for writing (``mode`` "w": text, "wb": binary); it replaces
-    ``path`` only when the block completes, so readers never see a half-written file and a failed write
-    keeps the old one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())  # a full disk may only show here; the old file is kept then
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, value: Any) -> None:
-    """Write JSON to ``path`` atomically (``atomic_open``)."""
-    with atomic_open(path) as f:
-        json.dump(value, f, indent=2)
-        f.write("\n")
-
-
-class EncodedDataset(torch.utils.data.Dataset):
-    """Tokenized examples (no padding; ``Collator`` pads each batch to its longest member)."""
-
-    def __init__(self, examples: Sequence[Example], tokenizer: Any, max_length: int) -> None:
-        texts_a = [ex.text_a for ex in examples]
-        texts_b = [ex.text_b for ex in examples]
-        pairs = any(b is not None for b in texts_b)
-        self.encodings = tokenizer(
-            texts_a, texts_b if pairs else None, truncation=True, max_length=max_length
-        )
-        self.labels = [ex.label for ex in examples]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        item = {k: v[i] for k, v in self.encodings.items()}
-        item["labels"] = self.labels[i]
-        return item
-
-
-class Collator:
-    """Pads a list of ``EncodedDataset`` items into a batch of tensors."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        return self.tokenizer.pad(items, return_tensors="pt")
 
 
 class EpochSampler(Sampler[int]):

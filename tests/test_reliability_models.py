@@ -27,11 +27,11 @@ from transformers import (
 import ode_bert
 import solvers
 from ode_bert import NonFiniteError, convert, find_layers
-from ode_bert.convert import CONFIG_KEYS_V1, CONFIG_VERSION, check_stored_config
 from ode_bert.pretrained import looks_local
+from ode_bert.settings import CONFIG_KEYS_V1, CONFIG_VERSION, check_stored_config
 
 VOCAB = 99
-convert_module = importlib.import_module("ode_bert.convert")  # ode_bert.convert is also the function
+settings_module = importlib.import_module("ode_bert.settings")  # where the stored form is defined
 
 
 @pytest.fixture(autouse=True)
@@ -183,8 +183,8 @@ def test_unknown_keys_and_newer_versions_are_errors(tmp_path) -> None:
 
 def test_keys_added_in_later_versions_default_with_a_warning(monkeypatch) -> None:
     """The mechanism for the next key: older configs get its documented default and a warning."""
-    monkeypatch.setattr(convert_module, "CONFIG_VERSION", 3)
-    monkeypatch.setattr(convert_module, "CONFIG_ADDED_KEYS", {"new_key": (3, "old behaviour")})
+    monkeypatch.setattr(settings_module, "CONFIG_VERSION", 3)
+    monkeypatch.setattr(settings_module, "CONFIG_ADDED_KEYS", {"new_key": (3, "old behaviour")})
     v2 = {"version": 2, "solver": "euler", "layers": [0], "step": 1.0, "field": "residual", "root": None,
           "grad": None, "tol": None, "max_iter": None, "solver_options": {}}
     with pytest.warns(UserWarning, match=r"has no 'new_key', added in version 3: using the default 'old"):
