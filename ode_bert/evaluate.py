@@ -16,22 +16,22 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from .convert import LayerStats, solver_stats
 from .data import Example, load_advglue, load_clean_dev, stratified_subset
+from .encoding import Collator, EncodedDataset
+from .io import write_json_atomic
 from .pretrained import from_pretrained
 from .train import (
     CONFIG_FILE,
     MODEL_DIR,
-    Collator,
-    EncodedDataset,
     RunDirError,
     TrainConfig,
     machine_record,
     read_train_config,
     split_training_data,
-    write_json_atomic,
 )
 
 METRICS_FILE = "metrics.json"
@@ -76,10 +76,12 @@ def predict(
     max_length: int,
     batch_size: int = 64,
     solver_log: list[LayerStats] | None = None,
+    desc: str | None = None,
 ) -> list[int]:
     """Argmax predictions for ``examples``, batched, without gradients (bf16 autocast on CUDA).
 
-    For a converted model, each batch's per-layer ``solver_stats`` are appended to ``solver_log``.
+    For a converted model, each batch's per-layer ``solver_stats`` are appended to ``solver_log``. ``desc``
+    labels a progress bar over the batches (none when ``None``).
     """
     device = next(model.parameters()).device
     loader = DataLoader(
@@ -87,7 +89,7 @@ def predict(
     )
     model.eval()
     predictions: list[int] = []
-    for batch in loader:
+    for batch in tqdm(loader, desc=desc, unit="batch", disable=desc is None, leave=False):
         batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(**batch).logits
@@ -131,13 +133,14 @@ def constant_baseline(sets: dict[str, list[Example]], label: int) -> dict[str, A
 
 
 def _score(
-    model: torch.nn.Module, tokenizer: Any, sets: dict[str, list[Example]], max_length: int, batch_size: int
+    model: torch.nn.Module, tokenizer: Any, sets: dict[str, list[Example]], max_length: int, batch_size: int,
+    name: str,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(metrics, predictions) of every split in ``sets``."""
+    """(metrics, predictions) of every split in ``sets``; ``name`` (clean, advglue, ...) labels progress."""
     predictions, splits, log = {}, {}, []
     for split, examples in sets.items():
         labels = [ex.label for ex in examples]
-        predicted = predict(model, tokenizer, examples, max_length, batch_size, log)
+        predicted = predict(model, tokenizer, examples, max_length, batch_size, log, desc=f"{name} {split}")
         predictions[split] = {"labels": labels, "predictions": predicted}
         splits[split] = split_metrics(split, labels, predicted)
     return {"splits": splits, **official_scores(splits), "solver": summarize_solver(log)}, predictions
@@ -187,15 +190,16 @@ def evaluate(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = _load_run_model(run_dir / MODEL_DIR)
     model = model.to(device)
-    clean_metrics, clean_predictions = _score(model, tokenizer, clean, config["max_length"], batch_size)
-    adv_metrics, adv_predictions = _score(model, tokenizer, adv, config["max_length"], batch_size)
+    max_length = config["max_length"]
+    clean_metrics, clean_predictions = _score(model, tokenizer, clean, max_length, batch_size, "clean")
+    adv_metrics, adv_predictions = _score(model, tokenizer, adv, max_length, batch_size, "advglue")
 
     majority = Counter(ex.label for ex in trained_on).most_common(1)[0][0]
     for metrics_of_set, sets in ((clean_metrics, clean), (adv_metrics, adv)):
         metrics_of_set["constant_baseline"] = constant_baseline(sets, majority)
     if heldout:
         heldout_metrics, heldout_predictions = _score(
-            model, tokenizer, {config["task"]: heldout}, config["max_length"], batch_size
+            model, tokenizer, {config["task"]: heldout}, config["max_length"], batch_size, "heldout"
         )
     metrics = {
         "task": config["task"],

@@ -25,7 +25,7 @@ from transformers import (
 
 import ode_bert
 import solvers
-from ode_bert import data
+from ode_bert import data, experiments
 from ode_bert import train as train_module
 from ode_bert.compare import compare
 from ode_bert.data import DataError
@@ -375,20 +375,25 @@ def test_non_convergence_is_summarised_once_per_epoch(
     assert json.loads((stock / "train_history.json").read_text())[0]["solver"] is None  # no implicit solves
 
 
-def test_run_records_name_the_machine(tiny_model: str, tmp_path: Path) -> None:
+def test_run_records_name_the_machine_and_evaluation_shows_progress(
+    tiny_model: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run = train(_config(tiny_model, tmp_path / "run"))
     machine = json.loads((run / "train_history.json").read_text())[0]["machine"]
     assert machine["torch"] == torch.__version__ and machine["torch_threads"] == torch.get_num_threads()
     assert machine["cpu"] and machine["transformers"] and machine["device"].startswith(("cpu", "cuda"))
+    capsys.readouterr()
     metrics = evaluate(run, dev_samples=8)
     assert metrics["machine"]["cpu"] == machine["cpu"]
+    progress = capsys.readouterr().err  # one bar per scored split, labelled with its set
+    assert "clean sst2" in progress and "advglue sst2" in progress
 
 
 def test_compare_refuses_runs_made_with_other_settings(tiny_model: str, tmp_path: Path) -> None:
     out = tmp_path / "cmp"
     options = {"model": tiny_model, "epochs": 1, "batch_size": 8, "train_samples": 8, "max_length": 16,
                "lr": 1e-3}  # fmt: skip
-    compare(("bert",), (1,), "sst2", out, dev_samples=8, data_dir=DATA_DIR, **options)
+    compare(("bert",), (1,), "sst2", out, dev_samples=8, data_dir=DATA_DIR, executor="inline", **options)
     stamp = (out / "bert-seed1" / "model" / "model.safetensors").stat().st_mtime_ns
     with pytest.raises(
         RunDirError, match=r"bert-seed1: settings differ .* \['lr', 'train_samples'\]"
@@ -422,15 +427,21 @@ def test_grid_refuses_runs_made_with_other_settings(
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench" / "experiments"))
     import grid
 
-    monkeypatch.setitem(grid.PLANS, "tiny", [grid.Group("sst2", 8, ("bert",))])
+    monkeypatch.setitem(experiments.PLANS, "tiny", [experiments.Group("sst2", 8, ("bert",))])
     options = {"model": tiny_model, "data_dir": str(DATA_DIR), "epochs": 1, "batch_size": 8, "max_length": 16}
-    (job,) = grid.plan_jobs(["tiny"], [1])
-    evaluate(train(job.train_config(tmp_path, options)), dev_samples=8)  # the run, as a worker makes it
-    assert len(grid.Scheduler(tmp_path, [job], 1, options, 8, 1).pending) == 0  # same settings: reused
+
+    def plan(**changed: object) -> list[experiments.Run]:
+        groups = experiments.named_groups(["tiny"])
+        return experiments.plan_runs(groups, [1], tmp_path, {**options, **changed})
+
+    (run,) = plan()
+    evaluate(train(run.config()), dev_samples=8)  # the run, as a worker makes it
+    inline = experiments.InlineExecutor()
+    assert len(experiments.Experiment(tmp_path, plan(), 8, inline).pending) == 0  # same settings: reused
     with pytest.raises(RunDirError, match=r"bert-seed1: settings differ .* \['lr'\]"):
-        grid.Scheduler(tmp_path, [job], 1, {**options, "lr": 1e-3}, 8, 1)
+        experiments.Experiment(tmp_path, plan(lr=1e-3), 8, inline)
     with pytest.raises(RunDirError, match=r"evaluated with other settings: \['dev_samples'\]"):
-        grid.Scheduler(tmp_path, [job], 1, options, None, 1)
+        experiments.Experiment(tmp_path, plan(), None, inline)
     argv = ["--plan", "tiny", "--seeds", "1", "--out", str(tmp_path), "--model", tiny_model, "--data-dir",
             str(DATA_DIR), "--dev-samples", "8", "--set", json.dumps({"epochs": 2, "batch_size": 8,
                                                                        "max_length": 16})]  # fmt: skip

@@ -1,26 +1,28 @@
 """RESULTS.md's tables against the committed run records they say they come from.
 
 Each section of RESULTS.md that shows a ``grid.py --report FILES [--pairs A:B ...]`` command is checked
-against what that command prints: every summary row (``| variant | seeds | ...``, possibly without its
-trailing columns) and every paired row (``| a − b | ...``, with or without the group and seed columns)
-must be printed by it, bold markup aside, and every per-seed cell ``clean / AdvGLUE`` must be that seed's
-scores in the records. A number edited by hand, or records changed without the text, fails here.
+against what that command prints (``grid.py`` is a front-end of ``ode_bert.experiments``, whose report is
+run here; one command is also run as written): every summary row (``| variant | seeds | ...``, possibly
+without its trailing columns) and every paired row (``| a − b | ...``, with or without the group and seed
+columns) must be printed by it, bold markup aside, and every per-seed cell ``clean / AdvGLUE`` must be that
+seed's scores in the records. A number edited by hand, or records changed without the text, fails here.
 """
 
 from __future__ import annotations
 
 import re
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench" / "experiments"))
+from ode_bert import experiments
+from ode_bert.experiments.cli import build_parser
 
-import grid  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 TASKS = {"SST-2": "sst2", "RTE": "rte", "QNLI": "qnli", "MNLI": "mnli", "QQP": "qqp"}
 
@@ -45,9 +47,9 @@ def run_report(commands: list[list[str]]) -> tuple[list[dict[str, Any]], str]:
     records: list[dict[str, Any]] = []
     printed = []
     for command in commands:
-        args = grid.build_parser().parse_args(["--report", *command])  # a --plot is not drawn here
-        loaded = grid.load_records([REPO / path for path in args.report])
-        printed.append(grid.format_report(loaded, args.pairs))
+        args = build_parser().parse_args(["--report", *command])  # a --plot is not drawn here
+        loaded = experiments.load_records([REPO / path for path in args.report])
+        printed.append(experiments.format_report(loaded, args.pairs))
         records += loaded
     return records, "\n".join(printed)
 
@@ -73,7 +75,7 @@ def test_report_sections_are_found() -> None:
 def test_tables_are_the_records(title: str, section: str, commands: list[list[str]]) -> None:
     records, printed = run_report(commands)
     printed_rows = [cells(line) for line in printed.splitlines() if line.startswith("| ")]
-    summary_rows = {row for row in printed_rows if row[0] in grid.VARIANTS}
+    summary_rows = {row for row in printed_rows if row[0] in experiments.VARIANTS}
     pair_rows = {row for row in printed_rows if " − " in row[1]}
     short_pairs = {(group_row[1], group_row[3], group_row[4]) for group_row in pair_rows}
     checked = 0
@@ -84,7 +86,7 @@ def test_tables_are_the_records(title: str, section: str, commands: list[list[st
         row = cells(line)
         if row[0] == "seed":
             seed_header = row
-        elif row[0] in grid.VARIANTS:
+        elif row[0] in experiments.VARIANTS:
             assert any(shown[:len(row)] == row for shown in summary_rows), \
                 f"{title}: summary row not printed by the report: {line}"
         elif " − " in row[0]:
@@ -103,3 +105,14 @@ def test_tables_are_the_records(title: str, section: str, commands: list[list[st
             continue
         checked += 1
     assert checked >= 3, f"{title}: only {checked} rows checked"
+
+
+def test_a_report_command_runs_as_written() -> None:
+    """The first report command of RESULTS.md, run as a reader would (the script, from the repository root,
+    without --plot), prints what the report above was checked as."""
+    _, _, commands = SECTIONS[0]
+    command = [arg for arg in commands[0] if not arg.endswith(".png") and arg != "--plot"]
+    result = subprocess.run([sys.executable, "bench/experiments/grid.py", "--report", *command], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout == run_report([command])[1] + "\n"

@@ -25,9 +25,8 @@ from transformers import (
 
 import ode_bert
 import solvers
-from ode_bert import cli, data
+from ode_bert import cli, data, experiments
 from ode_bert import train as train_module
-from ode_bert.compare import paired_difference
 from ode_bert.convert import LayerStats
 from ode_bert.data import load_advglue
 from ode_bert.evaluate import (
@@ -38,6 +37,7 @@ from ode_bert.evaluate import (
     split_metrics,
     summarize_solver,
 )
+from ode_bert.io import atomic_open
 from ode_bert.train import TrainConfig, train
 
 DATA_DIR = Path(os.environ.get(data.DATA_DIR_ENV) or Path(__file__).resolve().parents[1] / "../shared/data")
@@ -256,7 +256,7 @@ def test_config_errors_name_the_choices() -> None:
 def test_paired_difference_matches_t_interval() -> None:
     values, baseline = [80.0, 82.0, 85.0], [79.0, 80.0, 81.0]
     diffs = [1.0, 2.0, 4.0]
-    result = paired_difference(values, baseline)
+    result = experiments.paired_difference(values, baseline)
     half = stats.t.ppf(0.975, 2) * statistics.stdev(diffs) / math.sqrt(3)
     assert result["mean"] == pytest.approx(7 / 3)
     assert (result["ci_low"], result["ci_high"]) == pytest.approx((7 / 3 - half, 7 / 3 + half))
@@ -271,7 +271,7 @@ def test_compare_two_variants_two_seeds(
         "--output-dir", str(out),
         "--model", tiny_model, "--epochs", "1", "--batch-size", "8", "--train-samples", "16", "--max-length",
         "32", "--lr", "1e-5", "--dev-samples", "30", "--data-dir", str(DATA_DIR), "--tol", "1e-2",
-        "--max-iter", "8",
+        "--max-iter", "8", "--executor", "inline",  # in this process: the local worker pool is tested below
     ]  # fmt: skip
     assert cli.main(argv) == 0
     assert "Only 2 seed(s)" in capsys.readouterr().out
@@ -303,6 +303,12 @@ def test_compare_two_variants_two_seeds(
     assert cli.main(argv) == 0
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/model/model.safetensors")} == stamps
 
+    # The comparison's run records are the experiments layer's: `ode-bert experiment --report` pairs them.
+    capsys.readouterr()
+    assert cli.main(["experiment", "--report", str(out / "results.jsonl"), "--pairs", "im:bert"]) == 0
+    pair_row = capsys.readouterr().out.split("| sst2-n16 | im − bert | 2 |")[1].splitlines()[0]
+    assert f"{summary['im']['advglue']['diff']['mean']:+.2f} [" in pair_row.split("|")[1]
+
 
 def test_cli_rejects_unknown_choices(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
@@ -318,11 +324,12 @@ def test_cli_rejects_unknown_choices(capsys: pytest.CaptureFixture) -> None:
 def test_grid_runs_plan_in_parallel_and_pairs_by_seed(
     tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    """bench/experiments/grid.py: two workers, every run recorded, Δ = mean of the per-seed differences."""
+    """bench/experiments/grid.py over ode_bert.experiments: two local workers, every run recorded,
+    Δ = mean of the per-seed differences."""
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench" / "experiments"))
     import grid
 
-    monkeypatch.setitem(grid.PLANS, "tiny", [grid.Group("sst2", 16, ("bert", "im"))])
+    monkeypatch.setitem(experiments.PLANS, "tiny", [experiments.Group("sst2", 16, ("bert", "im"))])
     settings = {"epochs": 1, "batch_size": 8, "max_length": 16, "lr": 1e-3, **FAST_IM}
     argv = ["--plan", "tiny", "--seeds", "1", "2", "--workers", "2", "--out", str(tmp_path), "--model",
             tiny_model, "--data-dir", str(DATA_DIR), "--dev-samples", "20", "--set", json.dumps(settings)]
@@ -351,10 +358,11 @@ def test_grid_runs_plan_in_parallel_and_pairs_by_seed(
     late = tmp_path / "late"
     late.mkdir()
     options = {"model": tiny_model, "data_dir": str(DATA_DIR), **settings}
-    scheduler = grid.Scheduler(late, grid.plan_jobs(["tiny"], [1, 2]), 2, options, 20, 1)
-    assert len(scheduler.pending) == 4
+    late_runs = experiments.plan_runs(experiments.named_groups(["tiny"]), [1, 2], late, options)
+    experiment = experiments.Experiment(late, late_runs, 20, experiments.LocalExecutor(workers=2, threads=1))
+    assert len(experiment.pending) == 4
     (late / "sst2-n16").symlink_to(tmp_path / "sst2-n16")
-    scheduler.run(None)
+    experiment.run()
     taken = [json.loads(line) for line in (late / "results.jsonl").read_text().splitlines()]
     assert sorted((r["variant"], r["seed"]) for r in taken) == runs
     assert all(r["seconds"] is None for r in taken)
@@ -382,15 +390,15 @@ def test_grid_runs_plan_in_parallel_and_pairs_by_seed(
         cells = [f"{100 * metrics[v, seed]['clean']['overall']:.2f} / {100 * scores[v, seed]:.2f}"
                  for v in ("bert", "im")]
         assert f"| {seed} | {cells[0]} | {cells[1]} |" in per_seed
-    records = grid.load_records([linked / "results.jsonl", tmp_path / "results.jsonl"])
+    records = experiments.load_records([linked / "results.jsonl", tmp_path / "results.jsonl"])
     assert len(records) == 4 and all(r["seconds"] is not None for r in records)
     grid.main(["--report", *both, "--plot", str(tmp_path / "differences.png")])
     assert (tmp_path / "differences.png").read_bytes().startswith(b"\x89PNG")
-    drawn = grid.plot_differences(grid.summarize_groups(records), tmp_path / "again.png")
+    drawn = experiments.plot_differences(experiments.summarize_groups(records), tmp_path / "again.png")
     assert [(group, variant) for group, variant, _ in drawn] == [("sst2-n16", "im")]  # BERT is the zero line
     assert drawn[0][2]["advglue"]["diff"]["mean"] == pytest.approx(expected)
     with pytest.raises(ValueError, match="no variant besides the baseline"):
-        grid.plot_differences({"sst2-n16": {"variants": {"bert": {}}}}, tmp_path / "empty.png")
+        experiments.plot_differences({"sst2-n16": {"variants": {"bert": {}}}}, tmp_path / "empty.png")
     with pytest.raises(SystemExit):
         grid.main(["--report", str(tmp_path / "results.jsonl"), "--pairs", "im-bert"])
 
@@ -401,15 +409,17 @@ def test_grid_filters_groups_and_variants(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench" / "experiments"))
     import grid
 
-    jobs = grid.plan_jobs(["core", "extensions"], [1, 2], groups=["sst2-n1000"], variants=["im", "im-layer"])
-    assert [(j.group.name, j.variant, j.seed) for j in jobs] == [
+    runs = experiments.plan_runs(experiments.named_groups(["core", "extensions"]), [1, 2], "out",
+                                 keep_groups=["sst2-n1000"], keep_variants=["im", "im-layer"])
+    assert [(r.group.name, r.variant, r.seed) for r in runs] == [
         ("sst2-n1000", "im", 1), ("sst2-n1000", "bert", 1), ("sst2-n1000", "im", 2),
         ("sst2-n1000", "bert", 2), ("sst2-n1000", "im-layer", 1), ("sst2-n1000", "im-layer", 2)]
-    assert len(grid.plan_jobs(["core"], [1])) == 6
+    assert len(experiments.plan_runs(experiments.named_groups(["core"]), [1], "out")) == 6
     with pytest.raises(SystemExit):
         grid.main(["--plan", "core", "--groups", "sst2-n999"])
     with pytest.raises(SystemExit, match="2"):  # im-layer is in no group of the core plan
         grid.main(["--plan", "core", "--variants", "im-layer"])
+    assert cli.main(["experiment", "--plan", "core", "--variants", "im-layer"]) == 2  # the same command
 
 
 def test_im_select_stages_reuse_runs_and_keep_the_incumbent_on_ties(
@@ -473,9 +483,9 @@ def test_two_process_training_reports_once(tiny_model: str, tmp_path: Path) -> N
 
 def test_atomic_open_replaces_only_on_success(tmp_path: Path) -> None:
     path = tmp_path / "out.json"
-    with train_module.atomic_open(path) as f:
+    with atomic_open(path) as f:
         f.write("old")
-    with pytest.raises(RuntimeError), train_module.atomic_open(path) as f:
+    with pytest.raises(RuntimeError), atomic_open(path) as f:
         f.write("half-writ")
         raise RuntimeError("interrupted")
     assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]

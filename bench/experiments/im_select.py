@@ -6,7 +6,9 @@ each stage starting from the choices before it. Only held-out accuracy decides; 
 candidate (from the second stage on, the first candidate is the incumbent). Dev and AdvGLUE are scored (a
 small dev subset, to keep runs short) but never looked at. Every candidate is also compared with its
 stage's choice on the same held-out examples (paired, 95% t interval), which says how clear the choice is.
-``results.json`` in ``--out`` is rewritten atomically after every run; finished runs are reused.
+``results.json`` in ``--out`` is rewritten atomically after every run; finished runs are reused, if their
+settings are the ones asked for (``ode_bert.experiments.ensure_run``: a mismatch is refused with the
+differing keys).
 
     python bench/experiments/im_select.py --out runs/im_select [--model DIR] [--data-dir DIR]
 
@@ -23,10 +25,10 @@ from typing import Any
 
 from transformers import AutoConfig
 
-from ode_bert.compare import paired_difference
-from ode_bert.evaluate import METRICS_FILE, PREDICTIONS_FILE, evaluate
+from ode_bert.evaluate import METRICS_FILE, PREDICTIONS_FILE
+from ode_bert.experiments import Group, Run, ensure_run, paired_difference
+from ode_bert.io import write_json_atomic
 from ode_bert.pretrained import resolve_model_path
-from ode_bert.train import CONFIG_FILE, TrainConfig, train, write_json_atomic
 
 # Settings of the first stage's runs that a later stage chooses.
 START: dict[str, Any] = {"layers": "all", "max_iter": 10}
@@ -70,15 +72,16 @@ def heldout_correct(run_dir: Path) -> list[float]:
 
 
 def fine_tune(run_dir: Path, options: dict[str, Any]) -> dict[str, Any]:
-    """Train and evaluate one candidate (skipped when its metrics already exist); its metrics."""
-    metrics_path = run_dir / METRICS_FILE
-    if not metrics_path.is_file():
-        resume = (run_dir / CONFIG_FILE).is_file()
-        start = time.perf_counter()
-        config = TrainConfig(output_dir=str(run_dir), resume=resume, **options)
-        evaluate(train(config), dev_samples=DEV_SAMPLES)
+    """Train and evaluate one candidate (skipped when its metrics already exist with the same settings);
+    its metrics."""
+    group = Group(options["task"], options.get("train_samples"), (options["variant"],))
+    run = Run(group, options["variant"], options["seed"], run_dir, {**options, "output_dir": str(run_dir)})
+    finished = (run_dir / METRICS_FILE).is_file()
+    start = time.perf_counter()
+    metrics = ensure_run(run, DEV_SAMPLES)
+    if not finished:
         print(f"{run_dir.name}: {time.perf_counter() - start:.0f} s", flush=True)
-    return json.loads(metrics_path.read_text())
+    return metrics
 
 
 def select(out: Path, common: dict[str, Any], num_layers: int) -> dict[str, Any]:

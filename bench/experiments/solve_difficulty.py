@@ -29,9 +29,10 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import solvers
 from ode_bert import from_pretrained
-from ode_bert.compare import paired_difference
 from ode_bert.data import load_advglue
-from ode_bert.train import CONFIG_FILE, MODEL_DIR, write_json_atomic
+from ode_bert.experiments import paired_difference
+from ode_bert.io import write_json_atomic
+from ode_bert.train import CONFIG_FILE, MODEL_DIR
 from stability_analysis import ExampleSolves, example_solves
 from stability_analysis.perturbation import advglue_pairs
 

@@ -1,0 +1,198 @@
+"""Markdown tables and plots of run records and summaries (``stats``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..io import atomic_open
+from .plans import BASELINE, VARIANTS
+from .stats import METRICS, by_group, paired_difference, summarize_groups
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _interval(d: dict[str, Any]) -> str:
+    """A paired difference as ``mean [low, high]`` (no interval with one seed)."""
+    if d["ci_low"] is None:
+        return f"{d['mean']:+.2f}"
+    return f"{d['mean']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]"
+
+
+def _display(variant: str) -> str:
+    return "BERT" if variant == "bert" else variant
+
+
+def format_markdown(summary: dict[str, dict[str, dict[str, Any]]], baseline: str, header: str) -> str:
+    """One comparison (``stats.summarize``) as a markdown table: mean ± std per metric and the paired
+    difference with its 95% CI."""
+    columns = ["variant"]
+    for label in METRICS.values():
+        columns += [f"{label} (mean ± std)", f"{label} Δ vs {baseline} [95% CI]"]
+    lines = [header, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for variant, metrics in summary.items():
+        cells = [variant]
+        for metric in METRICS:
+            entry = metrics[metric]
+            cells.append(f"{entry['mean']:.2f} ± {_fmt(entry['std'])}")
+            diff = entry.get("diff")
+            if diff is None:
+                cells.append("baseline")
+            else:
+                cells.append(f"{diff['mean']:+.2f} [{_fmt(diff['ci_low'])}, {_fmt(diff['ci_high'])}]")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def format_tables(summary: dict[str, Any]) -> str:
+    """One markdown table per group of ``stats.summarize_groups`` (scores in %, Δ = paired difference to the
+    baseline with its 95% t CI)."""
+
+    def diff(entry: dict[str, Any]) -> str:
+        d = entry.get("diff")
+        return "baseline" if d is None else _interval(d)
+
+    def spread(entry: dict[str, Any]) -> str:
+        std = "" if entry["std"] is None else f" ± {entry['std']:.2f}"
+        return f"{entry['mean']:.2f}{std}"
+
+    out = []
+    for name, group in summary.items():
+        const = group["constant"]
+        out += [f"### {name}", "",
+                f"Constant prediction (majority training class): clean {const['clean']:.2f}, "
+                f"AdvGLUE {const['advglue']:.2f}.", "",
+                "| variant | seeds | clean mean ± std | Δ clean [95% CI] | AdvGLUE mean ± std "
+                "| Δ AdvGLUE [95% CI] | AdvGLUE solves converged | max rel. residual | s per run |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for variant, v in group["variants"].items():
+            solver = v.get("advglue_solver")
+            conv = f"{100 * solver['converged_fraction']:.0f}%" if solver else "-"
+            resid = f"{solver['max_rel_residual']:.1e}" if solver else "-"
+            secs = f"{v['mean_seconds']:.0f}" if v["mean_seconds"] is not None else "-"
+            out.append(f"| {variant} | {len(v['seeds'])} | {spread(v['clean'])} | {diff(v['clean'])} | "
+                       f"{spread(v['advglue'])} | {diff(v['advglue'])} | {conv} | {resid} | {secs} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def format_pairs(records: list[dict[str, Any]], pairs: list[tuple[str, str]]) -> str:
+    """Markdown table of paired differences ``a - b`` between variants, per group, over their shared seeds."""
+    out = ["| group | pair | seeds | Δ clean [95% CI] | Δ AdvGLUE [95% CI] |", "|---|---|---|---|---|"]
+    for name, runs in by_group(records).items():
+        for a, b in pairs:
+            seeds = sorted(set(runs.get(a, {})) & set(runs.get(b, {})))
+            if not seeds:
+                continue
+            cells = [_interval(paired_difference([100 * runs[a][s][m]["overall"] for s in seeds],
+                                                 [100 * runs[b][s][m]["overall"] for s in seeds]))
+                     for m in METRICS]
+            out.append(f"| {name} | {a} − {b} | {len(seeds)} | {cells[0]} | {cells[1]} |")
+    return "\n".join(out)
+
+
+def _variant_order(variant: str) -> tuple[int, str]:
+    """Named variants in ``VARIANTS`` order, any others after them by name."""
+    order = list(VARIANTS)
+    return (order.index(variant), "") if variant in order else (len(order), variant)
+
+
+def format_seeds(records: list[dict[str, Any]]) -> str:
+    """Per group, a markdown table of each run's clean / AdvGLUE score (%) by seed, variants in ``VARIANTS``
+    order: the runs behind the means, to spot a collapsed seed."""
+    out = []
+    for name, runs in by_group(records).items():
+        variants = sorted(runs, key=_variant_order)
+        seeds = sorted({seed for by_seed in runs.values() for seed in by_seed})
+        out += [f"Per seed, {name}, clean / AdvGLUE:", "", f"| seed | {' | '.join(variants)} |",
+                "|---" * (len(variants) + 1) + "|"]
+        for seed in seeds:
+            cells = [" / ".join(f"{100 * runs[v][seed][m]['overall']:.2f}" for m in METRICS)
+                     if seed in runs[v] else "-" for v in variants]
+            out.append(f"| {seed} | {' | '.join(cells)} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def format_report(
+    records: list[dict[str, Any]], pairs: list[tuple[str, str]], baseline: str = BASELINE
+) -> str:
+    """The report of run records: group tables, the paired differences ``pairs`` (if any), runs by seed."""
+    parts = [format_tables(summarize_groups(records, baseline))]
+    if pairs:
+        parts.append(format_pairs(records, pairs) + "\n")
+    parts.append(format_seeds(records))
+    return "\n".join(parts)
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_scores(
+    summary: dict[str, dict[str, dict[str, Any]]], path: Path, title: str, reference: dict[str, float]
+) -> None:
+    """Bar chart of one comparison (``stats.summarize``): mean score per variant and metric with std error
+    bars, written atomically as PNG. ``reference`` (per metric) is drawn as a dashed line: the
+    constant-prediction level."""
+    plt = _pyplot()
+    variants = list(summary)
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(variants), 3.6))
+    width = 0.8 / len(METRICS)
+    for k, (metric, label) in enumerate(METRICS.items()):
+        xs = [i + (k - (len(METRICS) - 1) / 2) * width for i in range(len(variants))]
+        means = [summary[v][metric]["mean"] for v in variants]
+        errors = [summary[v][metric]["std"] or 0.0 for v in variants]
+        bars = ax.bar(xs, means, width, yerr=errors, capsize=4, label=label)
+        ax.axhline(reference[metric], color=bars.patches[0].get_facecolor(), linestyle="--", linewidth=1)
+    ax.set_xticks(range(len(variants)), variants)
+    ax.set_ylabel("score (%); dashed: constant prediction")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_open(Path(path), "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
+    plt.close(fig)
+
+
+def plot_differences(
+    summary: dict[str, Any], path: Path, baseline: str = BASELINE
+) -> list[tuple[str, str, dict[str, Any]]]:
+    """Forest plot of every variant's paired difference to ``baseline`` (mean and 95% CI) from
+    ``stats.summarize_groups``, clean and AdvGLUE side by side, one row per (group, variant), written
+    atomically as PNG. Returns the rows drawn, top to bottom."""
+    rows = [(group, variant, stats) for group, entry in summary.items()
+            for variant, stats in entry["variants"].items() if variant != baseline]
+    if not rows:
+        raise ValueError("no variant besides the baseline to plot")
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(METRICS), sharey=True, figsize=(10, 1.2 + 0.32 * len(rows)))
+    ys = list(range(len(rows)))[::-1]
+    for ax, metric in zip(axes, METRICS):
+        for y, (_, _, stats) in zip(ys, rows):
+            d = stats[metric]["diff"]
+            if d["ci_low"] is None:  # one seed: no interval, drawn grey
+                ax.plot(d["mean"], y, "o", color="tab:gray")
+                continue
+            excludes_zero = d["ci_low"] > 0 or d["ci_high"] < 0
+            ax.errorbar(d["mean"], y, xerr=[[d["mean"] - d["ci_low"]], [d["ci_high"] - d["mean"]]], fmt="o",
+                        capsize=3, color="tab:red" if excludes_zero else "tab:blue")
+        ax.axvline(0, color="gray", linewidth=1)
+        ax.set_xlabel(f"Δ {METRICS[metric]} vs {_display(baseline)} (points, 95% CI)")
+        ax.grid(axis="x", alpha=0.3)
+    labels = [f"{group} {variant} (n={len(stats['seeds'])})" for group, variant, stats in rows]
+    axes[0].set_yticks(ys, labels)
+    fig.suptitle(f"Paired difference to {_display(baseline)} by seed; red: interval excludes zero, "
+                 "grey: one seed")
+    fig.tight_layout()
+    with atomic_open(Path(path), "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
+    return rows

@@ -1,0 +1,94 @@
+"""Paired statistics over seeds: the mean per-seed difference to a baseline with its 95% t interval."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+from scipy import stats
+
+# What every run is scored on (``metrics.json`` keys) and how tables call it.
+METRICS = {"clean": "clean dev", "advglue": "AdvGLUE"}
+
+
+def paired_difference(values: Sequence[float], baseline: Sequence[float]) -> dict[str, float | None]:
+    """Mean of the per-seed differences ``values - baseline`` with a 95% t confidence interval.
+
+    With a single seed there is no interval (``None``).
+    """
+    diffs = [v - b for v, b in zip(values, baseline, strict=True)]
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return {"mean": mean, "ci_low": None, "ci_high": None, "n": len(diffs)}
+    half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half, "n": len(diffs)}
+
+
+def summarize(
+    scores: dict[str, dict[int, dict[str, float]]], baseline: str
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per variant and metric: mean, sample std and the paired difference to ``baseline`` (in points).
+
+    ``scores`` is variant -> seed -> metric -> score (a fraction); every variant has the baseline's seeds.
+    """
+    summary: dict[str, dict[str, dict[str, Any]]] = {}
+    for variant, by_seed in scores.items():
+        seeds = sorted(by_seed)
+        summary[variant] = {}
+        for metric in METRICS:
+            values = [100 * by_seed[s][metric] for s in seeds]
+            entry: dict[str, Any] = {
+                "values": values,
+                "mean": statistics.fmean(values),
+                "std": statistics.stdev(values) if len(values) > 1 else None,
+            }
+            if variant != baseline:
+                entry["diff"] = paired_difference(values, [100 * scores[baseline][s][metric] for s in seeds])
+            summary[variant][metric] = entry
+    return summary
+
+
+def by_group(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[int, dict[str, Any]]]]:
+    """Run records (``records.result_line``) as group -> variant -> seed -> record."""
+    groups: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
+    for r in records:
+        groups.setdefault(r["group"], {}).setdefault(r["variant"], {})[r["seed"]] = r
+    return groups
+
+
+def summarize_groups(records: list[dict[str, Any]], baseline: str = "bert") -> dict[str, Any]:
+    """Per group: mean, std and paired difference to ``baseline`` over the seeds each variant shares with it,
+    the seeds, the mean wall time and the AdvGLUE solver statistics; groups without the baseline are left
+    out."""
+    summary: dict[str, Any] = {}
+    for name, by_variant in by_group(records).items():
+        baseline_seeds = set(by_variant.get(baseline, {}))
+        scores = {
+            v: {s: {m: r[m]["overall"] for m in METRICS} for s, r in runs.items() if s in baseline_seeds}
+            for v, runs in by_variant.items()
+        }
+        scores = {v: s for v, s in scores.items() if s}
+        if baseline not in scores:
+            continue
+        stats_ = summarize(scores, baseline)
+        for v, runs in by_variant.items():
+            if v not in stats_:
+                continue
+            kept = [runs[s] for s in sorted(scores[v])]
+            seconds = [r["seconds"] for r in kept if r["seconds"] is not None]
+            stats_[v]["seeds"] = sorted(scores[v])
+            stats_[v]["mean_seconds"] = sum(seconds) / len(seconds) if seconds else None
+            # explicit connections have no solve to report (no residual)
+            solver = [r["advglue"]["solver"] for r in kept
+                      if r["advglue"]["solver"] and r["advglue"]["solver"]["max_rel_residual"] is not None]
+            if solver:
+                stats_[v]["advglue_solver"] = {
+                    "converged_fraction": sum(s["converged_fraction"] for s in solver) / len(solver),
+                    "mean_iterations": sum(s["mean_iterations"] for s in solver) / len(solver),
+                    "max_rel_residual": max(s["max_rel_residual"] or 0.0 for s in solver),
+                }
+        first = next(iter(by_variant[baseline].values()))
+        summary[name] = {"variants": stats_, "constant": {m: 100 * first[m]["constant"] for m in METRICS}}
+    return summary
