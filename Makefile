@@ -1,4 +1,5 @@
-# Two entry points: `make demo` (main job on embedded defaults) and `make test` (lint + full test suite).
+# Entry points: `make demo` (main job on embedded defaults), `make test` (lint + the suite without the tests
+# marked slow: what CI runs, about 2 minutes on two cores) and `make test-all` (lint + every test).
 # Each creates the virtual environment it needs. On a machine without CUDA, torch comes from the CPU wheel.
 PYTHON ?= python3
 VENV ?= .venv
@@ -6,7 +7,7 @@ BIN := $(VENV)/bin
 DATA_DIR ?= ../shared/data
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: venv demo test lint clean
+.PHONY: venv demo test test-all lint clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +23,10 @@ demo: venv
 	ODE_BERT_DATA_DIR=$(abspath $(DATA_DIR)) $(BIN)/ode-bert demo
 
 test: venv
+	$(BIN)/ruff check .
+	ODE_BERT_DATA_DIR=$(abspath $(DATA_DIR)) $(BIN)/python -m pytest -q -m "not slow"
+
+test-all: venv
 	$(BIN)/ruff check .
 	ODE_BERT_DATA_DIR=$(abspath $(DATA_DIR)) $(BIN)/python -m pytest -q
 

@@ -1,6 +1,7 @@
 """Helpers shared by the benchmark scripts: arguments, machine description, inputs, timing, cost counting.
 
-Every script is one command, ``python bench/NAME.py [--device cpu|cuda] [--model PATH] [--quick]``; it
+Every script is one command run from the repository root, ``python -m bench.NAME [--device cpu|cuda]
+[--model PATH] [--quick]``; it
 prints a table and writes JSON to ``bench/results/NAME.json`` (``NAME-quick.json`` with ``--quick``,
 so a smoke test never overwrites the full results).
 
@@ -31,8 +32,6 @@ from torch.utils.flop_counter import flop_registry
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"
-if str(REPO) not in sys.path:  # scripts run as ``python bench/NAME.py``: import this checkout's packages
-    sys.path.insert(1, str(REPO))
 
 
 def parse_args(name: str, description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None,
@@ -41,7 +40,7 @@ def parse_args(name: str, description: str, extra: Callable[[argparse.ArgumentPa
 
     ``args.command`` is the command as typed from the repository root (recorded in the JSON).
     """
-    parser = argparse.ArgumentParser(prog=f"bench/{name}.py", description=description)
+    parser = argparse.ArgumentParser(prog=f"python -m bench.{name}", description=description)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to run (default cpu)")
     parser.add_argument("--model", default=None,
                         help="path or hub name of a BERT-style encoder (default: offline all-MiniLM-L6-v2)")
@@ -54,7 +53,7 @@ def parse_args(name: str, description: str, extra: Callable[[argparse.ArgumentPa
         extra(parser)
     args = parser.parse_args(argv)
     typed = sys.argv[1:] if argv is None else argv
-    args.command = " ".join(["python", f"bench/{name}.py", *map(shlex.quote, typed)])
+    args.command = " ".join(["python", "-m", f"bench.{name}", *map(shlex.quote, typed)])
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda given but CUDA is not available")
     torch.set_num_threads(args.threads)

@@ -28,7 +28,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from _common import (
+from torch import Tensor
+
+import solvers
+from bench._common import (
     FlopCount,
     describe,
     machine,
@@ -39,12 +42,8 @@ from _common import (
     timed,
     write_json,
 )
-from torch import Tensor
-
-import solvers
 from ode_bert.field import LayerField
 from ode_bert.pretrained import from_pretrained, resolve_model_path
-from solvers._base import sample_norm
 
 # Each finder with its default options, plus variants worth comparing (``name:option=value,...``):
 # gd with the paper's fixed step (0.5 diverges on these layers, 0.1 creeps), half-damped Picard and
@@ -75,7 +74,7 @@ class BudgetExhausted(Exception):
 def relative_residual(z: Tensor, gz: Tensor) -> Tensor:
     """Per-sample ``||g(z) - z|| / ||g(z)||`` in float64."""
     z, gz = z.detach().double(), gz.detach().double()
-    return sample_norm(gz - z) / sample_norm(gz).clamp_min(1e-300)
+    return solvers.sample_norm(gz - z) / solvers.sample_norm(gz).clamp_min(1e-300)
 
 
 @dataclass

@@ -4,7 +4,7 @@ The stock model, a converted one with the checks and the same conversion without
 round (so load changes hit all three alike); the checks are also timed alone, as an euler forward runs
 them (input and output of every layer). RELIABILITY.md quotes the result.
 
-    python bench/nan_check.py [--solver euler] [--repeats 30]
+    python -m bench.nan_check [--solver euler] [--repeats 30]
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 import transformers
-from _common import describe, machine, parse_args, write_json
 
 import ode_bert
+from bench._common import describe, machine, parse_args, write_json
 from solvers import all_finite
 
 

@@ -1,6 +1,6 @@
 """Render the Markdown tables of BENCHMARKS.md from the JSON results of the other scripts.
 
-``python bench/report.py [RESULT.json ...]`` (default: every ``bench/results/*.json``) prints, per file,
+``python -m bench.report [RESULT.json ...]`` (default: every ``bench/results/*.json``) prints, per file,
 its command and machine and the tables, so each number in BENCHMARKS.md can be traced to a file and
 the command that wrote it.
 """
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from _common import RESULTS_DIR, describe, fmt, table
+from bench._common import RESULTS_DIR, describe, fmt, table
 
 DEFAULT_FINDER = "anderson"
 
@@ -129,7 +129,7 @@ RENDERERS = {"implicit_step": implicit_step, "training_overhead": training_overh
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="bench/report.py", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="*", type=Path)
     args = parser.parse_args(argv)
     files = args.files or sorted(RESULTS_DIR.glob("*.json"))

@@ -6,7 +6,7 @@ per setting and hashes the weights; equal hashes mean the variant's arithmetic d
 ``im-float32`` is IM-BERT with Anderson's normal equations in float32, as before the fix.
 It also times Anderson's normal equations in float32 against float64 (the fix) beside one layer evaluation.
 
-    python bench/reproducibility.py            # writes bench/results/reproducibility.json
+    python -m bench.reproducibility            # writes bench/results/reproducibility.json
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Any
 
-from _common import REPO, describe, machine, parse_args, table, write_json
+from bench._common import REPO, describe, machine, parse_args, table, write_json
 
 TRAIN_STEPS = """
 import hashlib, sys, warnings
@@ -29,7 +29,8 @@ warnings.filterwarnings("ignore")
 torch.set_num_threads(1)
 variant, model_path, steps, batch = sys.argv[1], sys.argv[2] or None, int(sys.argv[3]), int(sys.argv[4])
 if variant == "im-float32":  # the solver before the fix: Anderson's normal equations in float32
-    from solvers.roots.anderson import Anderson
+    import solvers
+    Anderson = solvers.ROOT_FINDERS.lookup("anderson")
     Anderson._coefficients = lambda self, d_f, f: self._solve_normal_equations(d_f, f)
 transformers.set_seed(1)
 model, tokenizer = ode_bert.load_model(model_path, num_labels=2)
@@ -64,9 +65,9 @@ def normal_equation_cost(batch: int, tokens: int, hidden: int, repeats: int) -> 
     """Median ms of Anderson's normal equations (m=5 history) in float32 and float64, and of one layer."""
     import torch
 
-    from solvers.roots.anderson import Anderson
+    import solvers
 
-    finder = Anderson()
+    finder = solvers.get_root_finder("anderson")
     d_f, f = torch.randn(batch, tokens * hidden, 5), torch.randn(batch, tokens * hidden)
     layer = torch.nn.TransformerEncoderLayer(hidden, 12, 4 * hidden, batch_first=True).eval()
     h = torch.randn(batch, tokens, hidden)

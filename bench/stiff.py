@@ -28,11 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 import torchdiffeq
-from _common import describe, machine, parse_args, table, write_json
 from scipy.integrate import solve_ivp
 
 import solvers
-from solvers.integrate import odeint
+from bench._common import describe, machine, parse_args, table, write_json
 
 
 @dataclass(frozen=True)
@@ -98,7 +97,7 @@ def run_implicit_euler(problem: Problem, steps: int, grid: str) -> dict[str, Any
                                       dtype=torch.float64)])
     y0 = torch.tensor(problem.y0, dtype=torch.float64)
     start = time.perf_counter()
-    ys, stats = odeint(f, y0, t, method="implicit_euler", root="newton_krylov")
+    ys, stats = solvers.odeint(f, y0, t, method="implicit_euler", root="newton_krylov")
     seconds = time.perf_counter() - start
     return {"method": "implicit_euler", "setting": f"{grid} {steps} steps", "evals": f.evals,
             "seconds": seconds, "y": ys[-1].numpy(), "capped": False,

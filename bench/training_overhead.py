@@ -32,7 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import (
+from torch import nn
+
+import solvers
+from bench._common import (
     describe,
     machine,
     median,
@@ -42,15 +45,13 @@ from _common import (
     timed,
     write_json,
 )
-from torch import nn
-
-import solvers
 from ode_bert import FRAMINGS, convert, solver_stats
-from ode_bert.convert import IM_BERT_FIELD, IM_BERT_STEP
 from ode_bert.pretrained import load_model, resolve_model_path
-from solvers.implicit import DEFAULT_GRAD, DEFAULT_ROOT
+from ode_bert.settings import IM_BERT_FIELD, IM_BERT_STEP
 
 GRAD_MODES = ("unroll", "implicit", "one_step")
+_IMPLICIT_EULER = solvers.get("implicit_euler")  # its default root finder and gradient mode
+DEFAULT_ROOT, DEFAULT_GRAD = _IMPLICIT_EULER.root, _IMPLICIT_EULER.grad
 
 
 def extra_options(parser: argparse.ArgumentParser) -> None:

@@ -2,11 +2,16 @@
 
 A subcommand is one function registered with ``@command(name, help)``: it receives its own
 ``argparse`` parser, adds its arguments and returns the function that runs it.
+
+Parsing imports no torch or transformers (``--help`` and usage errors answer at once): this module imports
+only torch-free modules (``settings``, ``data``), ``main`` sets up only the subcommand named on the command
+line, and handlers import the heavy modules when they run.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import json
 import sys
@@ -14,10 +19,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import solvers
-
 from .data import TASKS
-from .train import VARIANTS, TrainConfig
+from .settings import PRESETS, VARIANT_DESCRIPTIONS, VARIANTS, ODESettings
 
 Handler = Callable[[argparse.Namespace], None]
 Setup = Callable[[argparse.ArgumentParser], Handler]
@@ -69,21 +72,34 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         "'eval' reports its accuracy",
     )
     s = parser.add_argument_group("ODE solver (variants ex, im, ode; unset = the variant's default)")
-    s.add_argument("--solver", choices=solvers.available(), help="step method for variant 'ode'")
-    s.add_argument("--layers", help="layers to convert: 'all', '0-5', '0,2,4' (default all)")
-    s.add_argument(
-        "--step", type=float, help="step size h of every converted layer (default 0.5 for ex and im)"
-    )
-    s.add_argument("--field", choices=["residual", "layer"], help="vector field: Layer(h) - h or Layer(h)")
-    s.add_argument("--root", choices=solvers.available_root_finders(), help="root finder of implicit solvers")
-    s.add_argument("--grad", help="gradient mode of implicit solvers (e.g. implicit, unroll)")
-    s.add_argument("--tol", type=float, help="relative tolerance of the implicit solve")
-    s.add_argument("--max-iter", type=int, help="iteration cap of the implicit solve")
+    for setting in _SETTING_FLAGS:
+        s.add_argument(
+            f"--{setting.name.replace('_', '-')}", type=setting.metadata["type"],
+            choices=setting.metadata["choices"], help=_setting_help(setting),
+        )  # fmt: skip
+
+
+# The ODESettings fields with a command-line flag (all but solver_options), from the settings object.
+_SETTING_FLAGS = [f for f in dataclasses.fields(ODESettings) if f.metadata["type"] is not None]
+
+
+def _setting_help(setting: dataclasses.Field) -> str:
+    """The flag's help: the setting's, its default, and the presets' values where they differ from it."""
+    text = setting.metadata["help"]
+    if setting.name == "solver":  # the preset variants fix their solver
+        text += " of variant 'ode'"
+    default = "the solver's" if setting.default is None else setting.default
+    by_value: dict[object, list[str]] = {}
+    for name, preset in PRESETS.items():
+        if setting.name != "solver" and preset.get(setting.name, setting.default) != setting.default:
+            by_value.setdefault(preset[setting.name], []).append(name)
+    notes = "".join(f"; {' and '.join(names)}: {value}" for value, names in by_value.items())
+    return f"{text} (default {default}{notes})".replace("%", "%%")
 
 
 _TRAINING_FIELDS = (
     "model", "epochs", "batch_size", "lr", "warmup_ratio", "weight_decay", "max_length", "train_samples",
-    "data_seed", "holdout", "solver", "layers", "step", "field", "root", "grad", "tol", "max_iter",
+    "data_seed", "holdout", *(f.name for f in _SETTING_FLAGS),
 )  # fmt: skip
 
 
@@ -95,8 +111,9 @@ def _training_options(args: argparse.Namespace) -> dict[str, object]:
 def _train_command(parser: argparse.ArgumentParser) -> Handler:
     _add_task(parser)
     parser.add_argument(
-        "--variant", default="im", choices=VARIANTS, help="bert, ex (EX-BERT), im (IM-BERT) or ode"
-    )
+        "--variant", default="im", choices=VARIANTS,
+        help="; ".join(f"{name}: {text}" for name, text in VARIANT_DESCRIPTIONS.items()) + " (default im)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
     parser.add_argument("--output-dir", default="runs/run", help="run directory (default runs/run)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --output-dir")
@@ -111,7 +128,7 @@ def _train_command(parser: argparse.ArgumentParser) -> Handler:
 
     def run(args: argparse.Namespace) -> None:
         from .evaluate import evaluate, format_metrics
-        from .train import train
+        from .train import TrainConfig, train
 
         config = TrainConfig(
             task=args.task, variant=args.variant, seed=args.seed, output_dir=args.output_dir,
@@ -169,30 +186,36 @@ class _CommaList(argparse.Action):
 
 
 def _add_compare_arguments(parser: argparse.ArgumentParser, variants: list[str], seeds: list[int]) -> None:
+    from .experiments import VARIANTS as NAMED_VARIANTS
+    from .experiments.cli import add_executor_arguments
+
+    choices = [*VARIANTS, *(name for name in NAMED_VARIANTS if name not in VARIANTS)]
     parser.add_argument(
-        "--variants", nargs="+", action=_CommaList, valid=VARIANTS, default=variants,
-        help=f"variants, e.g. bert,ex,im (default {','.join(variants)})",
+        "--variants", nargs="+", action=_CommaList, valid=choices, default=variants,
+        help=f"variants, e.g. bert,ex,im, or named ones such as im-gd (default {','.join(variants)})",
     )  # fmt: skip
     parser.add_argument(
         "--seeds", nargs="+", action=_CommaList, item_type=int, default=seeds,
         help=f"seeds, e.g. 1,2,3,4,5 (default {','.join(map(str, seeds))})",
     )  # fmt: skip
     parser.add_argument(
-        "--baseline", default="bert", choices=VARIANTS, help="variant the others are paired with"
+        "--baseline", default="bert", choices=choices, help="variant the others are paired with"
     )
     parser.add_argument(
         "--dev-samples", type=int, help="evaluate on a fixed subset of this many clean dev examples"
     )
     _add_data_dir(parser)
+    add_executor_arguments(parser)
 
 
 def _run_compare(args: argparse.Namespace, options: dict[str, object]) -> None:
-    from .compare import compare
+    from .experiments import compare
+    from .experiments.cli import executor_from_args
 
     start = time.perf_counter()
     result = compare(
         args.variants, args.seeds, args.task, args.output_dir, args.baseline, args.dev_samples, args.data_dir,
-        **options,
+        executor_from_args(args), **options,
     )  # fmt: skip
     print(result["markdown"])
     print(f"wrote {Path(args.output_dir) / 'comparison.md'}, comparison.json, comparison.png "
@@ -210,17 +233,15 @@ def _compare_command(parser: argparse.ArgumentParser) -> Handler:
     return lambda args: _run_compare(args, _training_options(args))
 
 
+@command("experiment", help="run named plans of comparisons (task x variant x seed x size), or report them")
+def _experiment_command(parser: argparse.ArgumentParser) -> Handler:
+    from .experiments.cli import add_experiment_arguments, run_experiment
+
+    add_experiment_arguments(parser)
+    return run_experiment
+
+
 # Small enough for a CPU: IM-BERT's implicit solve is capped at 10 iterations per layer (an inexact solve).
-@command("analyze", help="stability regions, perturbation growth and layer spectra of an encoder per solver")
-def _analyze_command(parser: argparse.ArgumentParser) -> Handler:
-    # stability_analysis builds on ode_bert; the command line is the one place that composes the two,
-    # so it is imported here rather than at module level.
-    from stability_analysis.cli import add_analyze_arguments, run_analyze
-
-    add_analyze_arguments(parser)
-    return run_analyze
-
-
 DEMO_OPTIONS = {
     "train_samples": 128,
     "epochs": 2,
@@ -281,21 +302,48 @@ def _demo_command(parser: argparse.ArgumentParser) -> Handler:
     return run
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser with every registered subcommand."""
+COMMAND_GROUP = "ode_bert.commands"
+
+
+def commands() -> dict[str, tuple[str, Setup]]:
+    """``COMMANDS`` and the subcommands installed packages add through the ``ode_bert.commands`` entry points.
+
+    An entry point names a setup function (``setup(parser)`` adds the arguments and returns the handler)
+    whose docstring's first line is the help. ``analyze`` comes this way from ``stability_analysis``,
+    which builds on ``ode_bert``: ode_bert never imports it.
+    """
+    from importlib.metadata import entry_points
+
+    found = dict(COMMANDS)
+    for entry in entry_points(group=COMMAND_GROUP):
+        if entry.name not in found:
+            setup = entry.load()
+            found[entry.name] = ((setup.__doc__ or "").strip().split("\n", 1)[0], setup)
+    return found
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser with every subcommand (``commands()``).
+
+    ``command``: set up only that subcommand's arguments (the others are listed, without arguments), so
+    parsing does not pay for the set-up of the others; ``None`` sets up every one.
+    """
     parser = argparse.ArgumentParser(
         prog="ode-bert", description="Transformer encoder layers as ODE solver steps (IM-BERT)."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (help_text, setup) in COMMANDS.items():
+    for name, (help_text, setup) in commands().items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
-        sub_parser.set_defaults(handler=setup(sub_parser))
+        if command is None or name == command:
+            sub_parser.set_defaults(handler=setup(sub_parser))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ode-bert`` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    named = argv[0] if argv and argv[0] in commands() else ""  # "": none (--help, or an unknown command)
+    args = build_parser(named).parse_args(argv)
     try:
         args.handler(args)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
@@ -314,6 +362,8 @@ RESUME_HINTS = {
     "compare": "Run the same command again: finished runs are kept, an interrupted run resumes from its "
     "last finished epoch.",
     "demo": "Run the same command again: finished runs are kept, an interrupted run resumes from its "
+    "last finished epoch.",
+    "experiment": "Run the same command again: finished runs are kept, an interrupted run resumes from its "
     "last finished epoch.",
     "eval": "Nothing was written; run the same command again.",
 }

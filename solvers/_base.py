@@ -18,7 +18,7 @@ import abc
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import ClassVar
 
@@ -172,7 +172,6 @@ class StepInfo:
 
     nfev: int = 0
     root: RootInfo | None = None
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 class RootFinder(abc.ABC):

@@ -109,8 +109,7 @@ class ImplicitRK(Method):
             raise
         if not root_info.all_converged:  # a field NaN/Inf that the solve could not step around
             counted.raise_nonfinite(where, y)
-        extra = {"jacobian_products": float(root_info.nvjp)} if root_info.nvjp else {}
-        return finish(z), StepInfo(nfev=counted.calls, root=root_info, extra=extra)
+        return finish(z), StepInfo(nfev=counted.calls, root=root_info)
 
     def _predictor(self, f: VectorField, t: Tensor, y: Tensor, dt: Tensor | float) -> Tensor:
         """Explicit Euler guess ``y + dt f(t, y)``; without a graph unless gradients unroll through it."""

@@ -1,10 +1,13 @@
 """``ode-bert analyze``: stability regions, perturbation growth and layer spectra of an encoder.
 
-``add_analyze_parser(subparsers)`` adds the subcommand (its handler is ``run_analyze``), e.g.::
+``analyze_command`` is the subcommand; ``ode-bert`` finds it through the ``ode_bert.commands`` entry point
+(``pyproject.toml``), so ``ode_bert`` does not import this package. For example::
 
     ode-bert analyze --solvers euler,implicit_euler --perturbation noise,advglue --spectra --out results/
 
 writes ``regions.png``, ``growth_<perturbation>.png`` and ``analysis.json`` (all numbers) into ``--out``.
+Adding the arguments imports nothing heavy (``ode-bert --help`` stays fast); torch, the model and the
+analysis modules load when the command runs.
 """
 
 from __future__ import annotations
@@ -12,17 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-from matplotlib.figure import Figure
-
-import solvers
-from solvers.registry import METHODS
-
-from .functions import stability_function
-from .perturbation import PERTURBATIONS, advglue_pairs, perturbation_growth, plot_growth
-from .regions import plot_stability_region
 
 
 def _names(text: str, valid: list[str] | tuple[str, ...], what: str) -> list[str]:
@@ -34,13 +29,18 @@ def _names(text: str, valid: list[str] | tuple[str, ...], what: str) -> list[str
     return names
 
 
-def add_analyze_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``analyze`` options to ``parser`` and return it."""
+def analyze_command(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], dict[str, Any]]:
+    """stability regions, perturbation growth and layer spectra of an encoder per solver
+
+    Adds the ``analyze`` options to ``parser`` and returns the handler, ``run_analyze`` (the contract of
+    an ``ode_bert.commands`` entry point: the docstring's first line is the command's help).
+    """
     parser.add_argument("--model", help="hub name or local path (default: the offline all-MiniLM-L6-v2)")
     parser.add_argument("--solvers", default="euler,implicit_euler",
                         help="comma-separated solver names (default euler,implicit_euler)")
     parser.add_argument("--perturbation", default="noise",
-                        help=f"comma-separated kinds among {', '.join(PERTURBATIONS)} (default noise)")
+                        help="comma-separated kinds: noise (random), worst (gradient ascent), advglue (word "
+                        "substitutions) (default noise)")
     parser.add_argument("--out", required=True, help="output directory for plots and analysis.json")
     parser.add_argument("--task", default="sst2", help="AdvGLUE task for the input sentences (default sst2)")
     parser.add_argument("--num-examples", type=int, default=8, help="sentences / pairs (default 8)")
@@ -56,16 +56,7 @@ def add_analyze_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--spectra-k", type=int, default=4, help="leading eigenvalues per layer (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--data-dir", help="data directory (default: $ODE_BERT_DATA_DIR or ../shared/data)")
-    return parser
-
-
-def add_analyze_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the ``analyze`` subcommand to an ``argparse`` subparsers object; its handler is ``run_analyze``."""
-    help_text = "stability regions, perturbation growth and layer spectra of an encoder per solver"
-    parser = subparsers.add_parser("analyze", help=help_text, description=help_text)
-    add_analyze_arguments(parser)
-    parser.set_defaults(handler=run_analyze)
-    return parser
+    return run_analyze
 
 
 def _json_number(value: float) -> float | str:
@@ -75,8 +66,14 @@ def _json_number(value: float) -> float | str:
 
 def run_analyze(args: argparse.Namespace) -> dict[str, Any]:
     """Run the analysis described by ``args``, write plots and ``analysis.json``; return the numbers."""
-    from ode_bert.pretrained import DEFAULT_MODEL, load_model
+    from matplotlib.figure import Figure
 
+    import solvers
+    from ode_bert import DEFAULT_MODEL, load_model
+
+    from .functions import stability_function
+    from .perturbation import PERTURBATIONS, advglue_pairs, perturbation_growth, plot_growth
+    from .regions import plot_stability_region
     from .spectra import layer_spectra
 
     solver_names = _names(args.solvers, solvers.available(), "solver(s)")
@@ -91,7 +88,7 @@ def run_analyze(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {"model": args.model or DEFAULT_MODEL, "solvers": solver_names,
                               "step": args.step, "field": args.field, "eps": args.eps, "texts": texts}
 
-    with_tableau = [n for n in solver_names if METHODS.lookup(n).tableau is not None]
+    with_tableau = [n for n in solver_names if solvers.METHODS.lookup(n).tableau is not None]
     report["stability"] = {
         name: {k: _json_number(v) if isinstance(v, float) else v
                for k, v in stability_function(name).properties().items()}

@@ -21,8 +21,7 @@ from fractions import Fraction
 import numpy as np
 import sympy
 
-from solvers import ButcherTableau, Method
-from solvers.registry import METHODS
+from solvers import METHODS, ButcherTableau, Method
 
 z = sympy.Symbol("z")
 _y = sympy.Symbol("y", real=True)

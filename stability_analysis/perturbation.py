@@ -27,8 +27,7 @@ from matplotlib.axes import Axes
 from torch import Tensor, nn
 
 import solvers
-from solvers import Method
-from solvers._base import VectorField
+from solvers import Method, VectorField
 
 PERTURBATIONS = ("noise", "worst", "advglue")
 # A relative root residual above this marks an implicit solve that did not converge: its growth curve then
@@ -206,14 +205,14 @@ def worst_embedding_perturbation(
 
 def _convert(model: nn.Module, solver: str, step: float, field: str, options: Mapping[str, Any]) -> nn.Module:
     """A converted deep copy of ``model`` (the caller's model is left as it is)."""
-    from ode_bert.convert import convert
+    from ode_bert import convert
 
     return convert(copy.deepcopy(model), solver=solver, step=step, field=field, **dict(options))
 
 
 def _max_residual(model: nn.Module) -> float | None:
     """Worst relative root residual over the converted layers in the last forward (``None``: explicit)."""
-    from ode_bert.convert import solver_stats
+    from ode_bert import solver_stats
 
     residuals = [s.residual for s in solver_stats(model) if s.residual is not None]
     return max(residuals) if residuals else None

@@ -59,7 +59,7 @@ def example_solves(
     in its batch (padding is held fixed and every root finder stops per sample), so ``batch_size`` changes
     only the speed, up to floating-point rounding. Raises ``ValueError`` if ``model`` has no implicit layer.
     """
-    from ode_bert.convert import solver_stats
+    from ode_bert import solver_stats
 
     if not texts:
         raise ValueError("texts is empty")

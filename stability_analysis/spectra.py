@@ -44,7 +44,7 @@ class JacobianOperator:
     """``J = d field / dh`` at ``h`` as a matrix-free operator on flattened states.
 
     ``field`` maps a tensor shaped like ``h`` to one of the same shape (e.g. one sequence's hidden
-    states ``(1, tokens, hidden)``). ``matvec`` is a JVP, ``rmatvec`` a VJP; both count in ``nprod``.
+    states ``(1, tokens, hidden)``). ``matvec`` is a JVP, ``rmatvec`` a VJP.
     """
 
     def __init__(self, field: StateMap, h: Tensor) -> None:
@@ -53,7 +53,6 @@ class JacobianOperator:
         self.field = field
         self.h = h.detach()
         self.shape = (h.numel(), h.numel())
-        self.nprod = 0
         with _forward_ad_friendly_attention():
             out, self._vjp = torch.func.vjp(field, self.h)
         if out.shape != h.shape:
@@ -66,13 +65,11 @@ class JacobianOperator:
 
     def jvp(self, v: Tensor) -> Tensor:
         """``J v`` for a state-shaped or flat tensor ``v``; returns the flat product."""
-        self.nprod += 1
         with _forward_ad_friendly_attention():
             return torch.func.jvp(self.field, (self.h,), (self._as_state(v),))[1].detach().reshape(-1)
 
     def vjp(self, v: Tensor) -> Tensor:
         """``J^T v`` for a state-shaped or flat tensor ``v``; returns the flat product."""
-        self.nprod += 1
         return self._vjp(self._as_state(v))[0].detach().reshape(-1)
 
     @staticmethod
@@ -224,7 +221,7 @@ def layer_spectra(
     that of one unpadded sequence (tokens x hidden). The linearisation point of layer ``l`` is its input
     on the model's own forward pass; the field is the stock layer's (``framing`` as in ``ode_bert``).
     """
-    from ode_bert.field import LayerField
+    from ode_bert import LayerField
 
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")

@@ -1,6 +1,6 @@
 """Smoke tests of the benchmark scripts: each runs in ``--quick`` mode on a tiny BERT; its JSON is checked.
 
-The scripts run in this process (``main(argv)``, as ``python bench/NAME.py ARGS`` would) to save start-up.
+The scripts run in this process (``main(argv)``, as ``python -m bench.NAME ARGS`` would) to save start-up.
 
 The invariants are the ones the tables rely on: residuals agree when computed twice (by the finder and by
 the harness), budgets are respected, the best residual within a budget cannot grow with the budget,
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,14 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "bench"))
-
-import _common  # noqa: E402
-import implicit_step  # noqa: E402
-import report  # noqa: E402
-import stiff  # noqa: E402
-import training_overhead  # noqa: E402
+from bench import _common, implicit_step, report, stiff, training_overhead
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +34,8 @@ def keep_torch_threads() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer, 32-wide random BERT with the real MiniLM tokenizer, saved like a checkpoint."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     from ode_bert.pretrained import resolve_model_path
 
     path = tmp_path_factory.mktemp("tiny_bert")
@@ -56,11 +49,11 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run_quick(main: Callable[[Sequence[str]], None], name: str, out: Path, *extra: str) -> dict[str, Any]:
-    """Run ``bench/NAME.py --quick --out OUT EXTRA...`` and return its JSON."""
+    """Run ``python -m bench.NAME --quick --out OUT EXTRA...`` and return its JSON."""
     main(["--quick", "--out", str(out), *extra])
     data = json.loads(out.read_text())
     assert data["benchmark"] == name
-    assert data["command"] == f"python bench/{name}.py --quick --out {out} {' '.join(extra)}".strip()
+    assert data["command"] == f"python -m bench.{name} --quick --out {out} {' '.join(extra)}".strip()
     assert data["machine"]["cpu"] and data["machine"]["cpu_cores"] >= 1
     assert report.RENDERERS[name](data).count("|") > 10  # BENCHMARKS.md tables render from it
     return data

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import ast
+import subprocess
+import sys
+import time
+
 import pytest
 
-from ode_bert.cli import COMMANDS, build_parser, main
+from ode_bert.cli import build_parser, commands, main
+
+HEAVY = ("torch", "transformers", "solvers", "ode_bert.convert", "ode_bert.train")
 
 
 def test_every_documented_subcommand_is_registered() -> None:
-    assert {"train", "eval", "compare", "analyze", "demo"} <= set(COMMANDS)
+    assert {"train", "eval", "compare", "analyze", "demo", "experiment"} <= set(commands())
 
 
 @pytest.mark.parametrize(
@@ -77,3 +84,52 @@ def test_interrupt_says_how_to_resume(
     monkeypatch.setattr("ode_bert.train.train", interrupted)
     assert main(["train", "--output-dir", str(tmp_path / "run")]) == 130
     assert "--resume" in capsys.readouterr().err
+
+
+def _modules_loaded_by(argv: list[str]) -> list[str]:
+    """The heavy modules imported by ``ode-bert ARGV`` (run in a fresh interpreter; exits are expected)."""
+    code = (
+        "import sys, ode_bert.cli\n"
+        f"try:\n    ode_bert.cli.main({argv!r})\nexcept SystemExit:\n    pass\n"
+        f"print(sorted(name for name in {HEAVY!r} if name in sys.modules), file=sys.stderr)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    return ast.literal_eval(done.stderr.strip().splitlines()[-1])  # the printed list
+
+
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["train", "--help"], ["eval", "--help"], ["train", "--variant", "xx"], ["trian"]]
+)
+def test_help_and_usage_errors_import_no_torch(argv: list[str]) -> None:
+    """Issue 20: --help and argument errors answer before torch and transformers are imported."""
+    assert _modules_loaded_by(argv) == []
+
+
+def test_package_import_is_lazy() -> None:
+    code = (
+        "import sys, ode_bert, ode_bert.settings\n"
+        "assert [name for name in dir(ode_bert) if name[0] != '_'] == sorted(ode_bert.__all__)\n"
+        f"print(sorted(name for name in {HEAVY!r} if name in sys.modules))\n"
+        "import ode_bert.train\n"
+        "assert callable(ode_bert.convert) and ode_bert.ODESettings.__module__ == 'ode_bert.settings'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def _seconds(*args: str) -> float:
+    """The fastest of three runs of ``python ARGS`` (the machine may be busy with other work)."""
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, *args], capture_output=True, check=False, timeout=120)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def test_help_starts_about_as_fast_as_python() -> None:
+    """``ode-bert train --help`` costs a few interpreter start-ups, not a torch import (~30x one)."""
+    baseline = _seconds("-c", "pass")
+    help_time = _seconds("-m", "ode_bert", "train", "--help")
+    assert help_time < max(1.0, 10 * baseline), (help_time, baseline)

@@ -13,7 +13,6 @@ import pytest
 from ode_bert import data
 
 DATA_DIR = Path(os.environ.get(data.DATA_DIR_ENV) or Path(__file__).resolve().parents[1] / "../shared/data")
-needs_data = pytest.mark.skipif(not DATA_DIR.is_dir(), reason="shared data directory not present")
 
 # (task, split) -> {label id: count}, transcribed from glue/SOURCE.md and advglue/SOURCE.md.
 GLUE_TRAIN_COUNTS = {
@@ -37,7 +36,6 @@ ADVGLUE_COUNTS = {
 }
 
 
-@needs_data
 @pytest.mark.parametrize("task", sorted(GLUE_TRAIN_COUNTS))
 def test_glue_train_label_counts(task: str) -> None:
     examples = data.load_train(task, DATA_DIR)
@@ -46,7 +44,6 @@ def test_glue_train_label_counts(task: str) -> None:
     assert all((ex.text_b is None) == (task == "sst2") for ex in examples)
 
 
-@needs_data
 @pytest.mark.parametrize("task", sorted(GLUE_DEV_COUNTS))
 def test_glue_dev_label_counts(task: str) -> None:
     dev = data.load_clean_dev(task, DATA_DIR)
@@ -54,7 +51,6 @@ def test_glue_dev_label_counts(task: str) -> None:
     assert counts == GLUE_DEV_COUNTS[task]
 
 
-@needs_data
 def test_mnli_dev_samples_have_three_classes() -> None:
     dev = data.load_clean_dev("mnli", DATA_DIR)
     assert sorted(dev) == ["mnli", "mnli-mm"]
@@ -64,7 +60,6 @@ def test_mnli_dev_samples_have_three_classes() -> None:
         assert min(counts.values()) > 250  # roughly balanced, as MNLI dev is
 
 
-@needs_data
 def test_qqp_dev_is_a_fixed_disjoint_holdout_of_the_subset() -> None:
     train = data.load_train("qqp", DATA_DIR)
     dev = data.load_clean_dev("qqp", DATA_DIR)["qqp"]
@@ -76,7 +71,6 @@ def test_qqp_dev_is_a_fixed_disjoint_holdout_of_the_subset() -> None:
     assert data.load_clean_dev("qqp", DATA_DIR)["qqp"] == dev  # same held-out rows every time
 
 
-@needs_data
 def test_advglue_counts_and_label_ids_match_glue() -> None:
     got = {}
     for task in data.TASKS:
@@ -86,7 +80,6 @@ def test_advglue_counts_and_label_ids_match_glue() -> None:
     assert sum(sum(c.values()) for c in got.values()) == 738
 
 
-@needs_data
 def test_advglue_label_ids_agree_with_glue_dev_on_the_originals() -> None:
     """An AdvGLUE item built from a GLUE dev sentence must carry the same label id as that sentence."""
     ann = json.loads((DATA_DIR / "advglue" / "dev_ann.json").read_text())
@@ -182,7 +175,6 @@ def test_binary_tsv_is_named(tmp_path: Path) -> None:
         data.load_train("rte", root)
 
 
-@needs_data
 def test_check_data_reads_every_file_a_run_uses(tmp_path: Path) -> None:
     assert data.check_data("mnli", DATA_DIR) == {
         "train": 9999, "clean/mnli": 1000, "clean/mnli-mm": 1000, "advglue/mnli": 121, "advglue/mnli-mm": 162,
@@ -240,7 +232,6 @@ HUB_GLUE_SPLITS = {
 HUB_ADV_CONFIGS = {"adv_sst2", "adv_qqp", "adv_mnli", "adv_mnli_mismatched", "adv_qnli", "adv_rte"}
 
 
-@needs_data
 @pytest.mark.parametrize("task", ["sst2", "mnli"])
 def test_hub_path_reads_what_datasets_serves(task: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """``data_dir="hub"``: a stand-in ``datasets`` serves the local files in the hub's row format (the field

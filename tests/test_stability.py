@@ -16,8 +16,9 @@ import sympy
 import torch
 from transformers import BertConfig, BertModel
 
-from solvers import ButcherTableau, Method
-from solvers.registry import METHODS
+import ode_bert
+from ode_bert.cli import build_parser, main
+from solvers import METHODS, ButcherTableau, Method
 from stability_analysis import (
     JacobianOperator,
     example_solves,
@@ -31,8 +32,8 @@ from stability_analysis import (
     stability_function,
     step_growth,
 )
-from stability_analysis.cli import add_analyze_parser
-from stability_analysis.perturbation import tokenized_advglue_pairs
+from stability_analysis.cli import analyze_command
+from stability_analysis.perturbation import PERTURBATIONS, tokenized_advglue_pairs
 
 z = sympy.Symbol("z")
 
@@ -329,21 +330,29 @@ def test_minilm_advglue_pairs_growth(minilm) -> None:
         perturbation_growth(model, tokenizer, SENTENCES, ["eulr"], "noise")
 
 
-def test_analyze_cli_writes_plots_and_json(tmp_path, minilm) -> None:
-    parser = argparse.ArgumentParser()
-    add_analyze_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["analyze", "--solvers", "euler,rk4", "--perturbation", "noise",
-                              "--num-examples", "2", "--max-length", "12", "--out", str(tmp_path)])
-    args.handler(args)
+def test_analyze_cli_writes_plots_and_json(tmp_path, minilm, capsys: pytest.CaptureFixture[str]) -> None:
+    """``ode-bert analyze`` as installed: ode_bert finds the command through its entry point."""
+    assert main(["analyze", "--solvers", "euler,rk4", "--perturbation", "noise", "--num-examples", "2",
+                 "--max-length", "12", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "analysis.json").read_text())
     assert report["stability"]["rk4"]["real_interval"] == pytest.approx(2.7853, abs=1e-4)
     assert set(report["growth"]["noise"]) == {"euler", "rk4"}
     assert report["growth"]["noise"]["euler"]["mean"][0] == pytest.approx(1.0)
     for name in ("regions.png", "growth_noise.png"):
         assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
-    bad = parser.parse_args(["analyze", "--solvers", "euler,nope", "--out", str(tmp_path)])
-    with pytest.raises(ValueError, match="unknown solver"):
-        bad.handler(bad)
+    capsys.readouterr()
+    assert main(["analyze", "--solvers", "euler,nope", "--out", str(tmp_path)]) == 2
+    assert "unknown solver(s) nope" in capsys.readouterr().err
+    assert "analyze" in build_parser().format_help()
+
+
+def test_analyze_options_name_what_the_analysis_accepts() -> None:
+    """The command adds its options without importing torch, so it lists framings and kinds itself."""
+    parser = argparse.ArgumentParser()
+    analyze_command(parser)
+    options = {action.dest: action for action in parser._actions}
+    assert options["field"].choices == list(ode_bert.FRAMINGS)
+    assert all(kind in options["perturbation"].help for kind in PERTURBATIONS)
 
 
 def test_example_solves_match_each_input_solved_alone() -> None:

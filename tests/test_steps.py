@@ -13,8 +13,7 @@ import torch
 import torchdiffeq
 
 import solvers
-from solvers import ConvergenceError, ConvergenceWarning, DivergenceError
-from solvers._base import ButcherTableau
+from solvers import ButcherTableau, ConvergenceError, ConvergenceWarning, DivergenceError
 
 F64 = torch.float64
 # A contraction-friendly 2-D linear system with a rotation, solved exactly by the matrix exponential.
