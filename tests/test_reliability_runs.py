@@ -9,7 +9,6 @@ import io
 import json
 import os
 import shutil
-import string
 import warnings
 from pathlib import Path
 
@@ -18,9 +17,6 @@ import torch
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    BertConfig,
-    BertModel,
-    BertTokenizerFast,
 )
 
 import ode_bert
@@ -34,33 +30,6 @@ from ode_bert.train import RunDirError, TrainConfig, train
 
 DATA_DIR = Path(os.environ.get(data.DATA_DIR_ENV) or Path(__file__).resolve().parents[1] / "../shared/data")
 pytestmark = pytest.mark.skipif(not DATA_DIR.is_dir(), reason="shared data directory not present")
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A 2-layer, 32-wide random BertModel with a character-level WordPiece tokenizer, saved to disk."""
-    root = tmp_path_factory.mktemp("tiny")
-    chars = string.ascii_lowercase + string.digits
-    vocab = [
-        "[PAD]",
-        "[UNK]",
-        "[CLS]",
-        "[SEP]",
-        "[MASK]",
-        *chars,
-        *string.punctuation,
-        *(f"##{c}" for c in chars),
-    ]
-    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(root / "vocab.txt"))
-    config = BertConfig(
-        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=64, initializer_range=0.2,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    return str(root / "model")
 
 
 def _config(tiny_model: str, out: Path, **overrides: object) -> TrainConfig:
