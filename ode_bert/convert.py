@@ -449,12 +449,33 @@ class LayerStats:
     residual: float | None
     converged: bool
     tol: float | None = None  # the tolerance the solve used (raised under autocast; RootFinder.tolerance)
-    root: RootInfo | None = None  # per-sample record of the implicit solve; None for explicit/adaptive
+    root: RootInfo | None = dataclasses.field(default=None, repr=False)  # per-sample record, implicit solves
+
+    @property
+    def converged_share(self) -> float:
+        """The share of the batch's sequences whose equation converged (1 for explicit and adaptive steps)."""
+        return 1.0 if self.root is None else float(self.root.converged.float().mean())
 
 
-def solver_stats(model: nn.Module) -> list[LayerStats]:
-    """Per converted layer, what its last forward cost and how well its implicit equation was solved."""
-    stats = []
+class SolverStats(list):
+    """``solver_stats``' list of ``LayerStats``, printed as a table (one row per layer)."""
+
+    def __str__(self) -> str:
+        if not self:
+            return "no converted layer has run a forward yet"
+        rows = [f"{'layer':>5} {'solver':<16} {'evals':>6} {'iters':>6} {'residual':>9} {'tol':>7} converged"]
+        for s in self:
+            residual = "-" if s.residual is None else f"{s.residual:.1e}"
+            tol = "-" if s.tol is None else f"{s.tol:.0e}"
+            rows.append(f"{s.layer:>5} {s.solver:<16} {s.nfev:>6} {s.iterations:>6} {residual:>9} {tol:>7} "
+                        f"{100 * s.converged_share:.0f}%")
+        return "\n".join(rows)
+
+
+def solver_stats(model: nn.Module) -> SolverStats:
+    """Per converted layer, what its last forward cost and how well its implicit equation was solved; a list
+    of ``LayerStats`` that prints as a table."""
+    stats = SolverStats()
     for connection in _connections(model):
         info = connection.last_info
         if info is None:

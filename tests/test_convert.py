@@ -585,3 +585,23 @@ def test_padding_masking_saves_root_iterations_on_minilm(step: float, field: str
     # without masking (before: 34 vs 23 iterations at step 0.25, 387 vs 219 at step 1, where 2 layers fail)
     assert iterations <= 1.1 * sum(max(layer) for layer in zip(*alone)) + 3
     assert iterations < 0.8 * sum(s.iterations for s in unmasked)
+
+
+def test_solver_stats_print_as_a_table_of_the_records() -> None:
+    model = convert(tiny(), "implicit_euler", field="layer", step=0.5, root="anderson", tol=1e-4)
+    assert str(solver_stats(model)) == "no converted layer has run a forward yet"
+    with torch.no_grad():
+        model(**batch())
+    stats = solver_stats(model)
+    header, *rows = str(stats).splitlines()
+    assert header.split() == ["layer", "solver", "evals", "iters", "residual", "tol", "converged"]
+    assert len(rows) == len(stats) == 3
+    for row, record in zip(rows, stats):
+        cells = row.split()
+        assert [int(cells[0]), cells[1], int(cells[2]), int(cells[3])] == [
+            record.layer, record.solver, record.nfev, record.iterations
+        ]
+        assert float(cells[4]) == pytest.approx(record.residual, rel=0.05)
+        share = float(record.root.converged.float().mean())
+        assert cells[6] == f"{100 * share:.0f}%" and record.converged_share == share
+    assert "tensor" not in repr(stats[0])  # the per-sample record stays out of the repr
