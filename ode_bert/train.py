@@ -278,12 +278,18 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
             f.write(data)
     except OSError as err:
         kept = "the previous checkpoint is kept" if path.is_file() else "no earlier checkpoint exists"
-        full = " (disk full)" if err.errno in (errno.ENOSPC, errno.EDQUOT) else ""
-        raise RunDirError(
-            err.errno,
-            f"could not write the checkpoint {path}{full}: {err.strerror or err}; {kept} and no temporary "
-            f"file is left. Free space (or fix the folder) and run again with --resume in {path.parent}",
-        ) from err
+        raise _write_failure(err, path, kept, "Free space (or fix the folder)", "the checkpoint ") from err
+
+
+def _write_failure(err: OSError, path: Path, kept: str, fix: str, what: str = "") -> RunDirError:
+    """The ``RunDirError`` for a failed write of ``path`` (``what`` names it, e.g. "the checkpoint "): the
+    cause (a full disk named as such), what is ``kept``, and how to go on (``fix``, then ``--resume``)."""
+    full = " (disk full)" if err.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+    return RunDirError(
+        err.errno,
+        f"could not write {what}{path}{full}: {err.strerror or err}; {kept} and no temporary file is left. "
+        f"{fix} and run again with --resume in {path.parent}",
+    )
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -662,12 +668,7 @@ def _writing(path: Path) -> Iterator[None]:
         remove_orphans(path.parent)  # the temporary file or folder of the failed save
         if isinstance(err, RunDirError) or not isinstance(err, OSError):
             raise
-        full = " (disk full)" if err.errno in (errno.ENOSPC, errno.EDQUOT) else ""
-        raise RunDirError(
-            err.errno,
-            f"could not write {path}{full}: {err.strerror or err}; the files already there are kept and no "
-            f"temporary file is left. Fix the cause and run again with --resume in {path.parent}",
-        ) from err
+        raise _write_failure(err, path, "the files already there are kept", "Fix the cause") from err
 
 
 def _restore(
