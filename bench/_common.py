@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -62,26 +59,18 @@ def parse_args(name: str, description: str, extra: Callable[[argparse.ArgumentPa
     return args
 
 
-def cpu_model() -> str:
-    """The CPU's model name as ``lscpu`` reports it (``platform.processor()`` if lscpu is missing)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown"
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
 def machine(device: str) -> dict[str, Any]:
-    """What the numbers were measured on: CPU model and cores, torch threads and version, GPU if used."""
+    """What the numbers were measured on: the run records' machine facts (``ode_bert.train.machine_record``)
+    under the keys bench results have always used, with the device the benchmark ran on."""
+    from ode_bert.train import machine_record
+
+    record = machine_record()
     info: dict[str, Any] = {
-        "cpu": cpu_model(),
-        "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
+        "cpu": record["cpu"],
+        "cpu_cores": record["cpu_count"],
+        "torch_threads": record["torch_threads"],
+        "torch": record["torch"],
+        "python": record["python"],
         "device": device,
     }
     if device == "cuda":
