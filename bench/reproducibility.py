@@ -30,8 +30,7 @@ torch.set_num_threads(1)
 variant, model_path, steps, batch = sys.argv[1], sys.argv[2] or None, int(sys.argv[3]), int(sys.argv[4])
 if variant == "im-float32":  # the solver before the fix: Anderson's normal equations in float32
     import solvers
-    Anderson = solvers.ROOT_FINDERS.lookup("anderson")
-    Anderson._coefficients = lambda self, d_f, f: self._solve_normal_equations(d_f, f)
+    solvers.ROOT_FINDERS.lookup("anderson").gram_dtype = torch.float32
 transformers.set_seed(1)
 model, tokenizer = ode_bert.load_model(model_path, num_labels=2)
 convert = {"im": ode_bert.im_bert, "im-float32": ode_bert.im_bert, "ex": ode_bert.ex_bert}
@@ -62,15 +61,30 @@ def weights_hash(variant: str, model: str | None, cbwr: str | None, steps: int, 
 
 
 def normal_equation_cost(batch: int, tokens: int, hidden: int, repeats: int) -> dict[str, float]:
-    """Median ms of Anderson's normal equations (m=5 history) in float32 and float64, and of one layer."""
+    """Median ms of one Anderson iteration's normal-equation work (history m=5: the new residual difference
+    and residual written into the equations' dtype, their products with the history, the small solve) in
+    float32 and float64, and of one layer."""
     import torch
 
     import solvers
 
     finder = solvers.get_root_finder("anderson")
-    d_f, f = torch.randn(batch, tokens * hidden, 5), torch.randn(batch, tokens * hidden)
+    gen = torch.Generator().manual_seed(0)
+    history = torch.randn(batch, 5, tokens * hidden, generator=gen)
+    new = torch.randn(batch, tokens * hidden, generator=gen)
     layer = torch.nn.TransformerEncoderLayer(hidden, 12, 4 * hidden, batch_first=True).eval()
     h = torch.randn(batch, tokens, hidden)
+
+    def iteration(dtype: torch.dtype) -> Any:
+        d_f, pair = history.to(dtype), torch.empty(batch, 2, tokens * hidden, dtype=dtype)
+        gram = d_f @ d_f.transpose(1, 2)
+
+        def run() -> Any:
+            pair[:, 0], pair[:, 1] = new, new
+            products = d_f @ pair.transpose(1, 2)
+            return finder._solve_normal_equations(gram, products[:, :, 1])
+
+        return run
 
     def median_ms(fn: Any) -> float:
         times = []
@@ -82,8 +96,8 @@ def normal_equation_cost(batch: int, tokens: int, hidden: int, repeats: int) -> 
 
     with torch.no_grad():
         return {
-            "float32_ms": median_ms(lambda: finder._solve_normal_equations(d_f, f)),
-            "float64_ms": median_ms(lambda: finder._coefficients(d_f, f)),
+            "float32_ms": median_ms(iteration(torch.float32)),
+            "float64_ms": median_ms(iteration(torch.float64)),
             "layer_ms": median_ms(lambda: layer(h)),
         }
 

@@ -23,6 +23,7 @@ from ._base import (
     NonFiniteError,
     RootFinder,
     RootInfo,
+    RowMap,
     StepBudgetError,
     StepInfo,
     VectorField,
@@ -30,6 +31,7 @@ from ._base import (
     check_on_failure,
     default_tol,
     report_failure,
+    restrict_rows,
     sample_norm,
 )
 from ._registry import option_names, suggest
@@ -62,6 +64,7 @@ __all__ = [
     "OdeintStats",
     "RootFinder",
     "RootInfo",
+    "RowMap",
     "StepBudgetError",
     "StepInfo",
     "VectorField",
@@ -78,6 +81,7 @@ __all__ = [
     "option_names",
     "register",
     "register_root_finder",
+    "restrict_rows",
     "report_failure",
     "sample_norm",
     "solve_fixed_point",

@@ -10,6 +10,8 @@ Conventions (all solvers and root finders follow them):
 * A step method maps ``(f, t, y, dt)`` to ``(y_next, StepInfo)``.
 * A root finder solves the fixed-point equation ``z = g(z)`` (residual ``g(z) - z``) and returns
   ``(z, RootInfo)``.
+* Optional row protocol (``RowMap``): a map or vector field with ``rows(index)`` can be evaluated on a
+  subset of the batch; root finders then stop evaluating samples that have converged (row compaction).
 """
 
 from __future__ import annotations
@@ -146,6 +148,7 @@ class RootInfo:
     nvjp: int = 0  # Jacobian-vector or vector-Jacobian products (each on the whole batch)
     diverged: Tensor | None = None  # bool per sample: stopped by a non-finite residual (None: not tracked)
     tol: float | None = None  # the relative tolerance the solve stopped at (see RootFinder.tolerance)
+    rows: int | None = None  # batch rows evaluated, summed over calls (< nfev * batch with row compaction)
 
     @property
     def all_converged(self) -> bool:
@@ -296,6 +299,14 @@ class CountedField:
                 self.nonfinite = (float(t), kind, float(z_abs.max()) if z_abs.numel() else 0.0)
         return out
 
+    def rows(self, index: Tensor) -> CountedField | None:
+        """This field on the batch rows ``index`` (``None`` if the field cannot be restricted); its calls and
+        NaN/Inf records count here too."""
+        restricted = restrict_rows(self.f, index)
+        if restricted is None:
+            return None
+        return _CountedRows(restricted, self.shape, len(index), self)
+
     def raise_nonfinite(self, where: str, y: Tensor | None = None) -> None:
         """Raise ``NonFiniteError`` naming the vector field if it returned NaN/Inf at a finite input.
 
@@ -317,6 +328,57 @@ class CountedField:
             f"(max |state| = {size:.3g}) {where}{start}. The input state was finite, so the field (or "
             f"what it computes with) produced the {kind}"
         )
+
+
+class RowMap:
+    """A batched function that can also be evaluated on a subset of its batch rows (row compaction).
+
+    ``fn`` is the function on the whole batch; ``restrict(index)`` returns the same function for the batch
+    rows ``index`` (a sorted 1-D long tensor), called with and returning tensors of ``len(index)`` rows, or
+    ``None`` when it cannot (e.g. a layer in training mode, whose dropout masks depend on the batch shape).
+    Root finders evaluate only the samples still iterating when their map has ``rows`` (see
+    ``restrict_rows``); a map without it is always evaluated on the whole batch. The restriction must give
+    each row the value the whole-batch call gives it (up to rounding): rows are independent samples.
+    """
+
+    def __init__(
+        self, fn: Callable[..., Tensor], restrict: Callable[[Tensor], Callable[..., Tensor] | None]
+    ) -> None:
+        self.fn = fn
+        self.restrict = restrict
+
+    def __call__(self, *args: Tensor) -> Tensor:
+        return self.fn(*args)
+
+    def rows(self, index: Tensor) -> Callable[..., Tensor] | None:
+        """The function on the batch rows ``index``, or ``None`` when it cannot be restricted."""
+        return self.restrict(index)
+
+
+def restrict_rows(fn: Callable[..., Tensor], index: Tensor) -> Callable[..., Tensor] | None:
+    """``fn`` on the batch rows ``index`` if it offers that (a ``rows`` method, see ``RowMap``), else None."""
+    rows = getattr(fn, "rows", None)
+    return rows(index) if callable(rows) else None
+
+
+class _CountedRows(CountedField):
+    """``CountedField.rows``: the field on some batch rows, counting its calls in the whole-batch field."""
+
+    def __init__(self, f: VectorField, shape: torch.Size, count: int, parent: CountedField) -> None:
+        self.f = f
+        self.shape = torch.Size((count, *shape[1:]))
+        self.calls = 0
+        self.nonfinite = None
+        self.last_t = None
+        self.parent = parent
+
+    def __call__(self, t: Tensor, z: Tensor) -> Tensor:
+        out = super().__call__(t, z)
+        self.parent.calls += 1
+        self.parent.last_t = t
+        if self.parent.nonfinite is None:
+            self.parent.nonfinite = self.nonfinite
+        return out
 
 
 def all_finite(x: Tensor) -> bool:

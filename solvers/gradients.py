@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._base import FixedPointMap, RootFinder, RootInfo, check_on_failure, report_failure
+from ._base import FixedPointMap, RootFinder, RootInfo, batch_size, check_on_failure, report_failure
 from .registry import get_root_finder
 
 # (g, z0, finder, what to do if the adjoint solve fails) -> (z, info)
@@ -85,6 +85,13 @@ def _solve_without_graph(g: FixedPointMap, z0: Tensor, finder: RootFinder) -> tu
     return z_star.detach(), info
 
 
+def _count_evaluation(info: RootInfo, z: Tensor) -> None:
+    """Count the whole-batch application of ``g`` that attaches the graph in ``info``."""
+    info.nfev += 1
+    if info.rows is not None:
+        info.rows += batch_size(z)
+
+
 @_grad_mode("one_step")
 def _one_step(
     g: FixedPointMap, z0: Tensor, finder: RootFinder, adjoint_on_failure: str
@@ -92,7 +99,7 @@ def _one_step(
     z_star, info = _solve_without_graph(g, z0, finder)
     if not torch.is_grad_enabled():
         return z_star, info
-    info.nfev += 1
+    _count_evaluation(info, z_star)
     return g(z_star), info
 
 
@@ -104,7 +111,7 @@ def _implicit(
     if not torch.is_grad_enabled():
         return z_star, info
     z = g(z_star)
-    info.nfev += 1
+    _count_evaluation(info, z_star)
     if z.requires_grad:
         z.register_hook(_AdjointHook(g, z_star, finder, adjoint_on_failure))
     return z, info

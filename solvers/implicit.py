@@ -21,12 +21,14 @@ from ._base import (
     CountedField,
     FixedPointMap,
     Method,
+    RowMap,
     StepInfo,
     VectorField,
     as_time,
     check_on_failure,
     check_state,
     check_step,
+    restrict_rows,
 )
 from .gradients import check_grad_mode, solve_fixed_point
 from .registry import get_root_finder, register
@@ -47,7 +49,10 @@ class ImplicitRK(Method):
     ``tol=None`` is dtype-aware), ``adjoint_on_failure`` (non-converged adjoint solve of the ``implicit``
     gradient, found during backward; separate so that a caller silencing forward reports still hears
     about it), ``init`` (``"explicit"``: start from an explicit Euler predictor as
-    IM-BERT does; ``"previous"``: start from ``y``).
+    IM-BERT does; ``"previous"``: start from ``y``), ``compact_rows`` (row compaction: when the vector field
+    can be evaluated on a subset of the batch rows, ``solvers.RowMap``, samples that have converged are no
+    longer evaluated; each sample's result is the one the whole-batch solve gives it, up to the rounding of
+    the field on fewer rows).
 
     A non-finite input state is a ``ValueError``. A vector field that returns NaN/Inf at a finite state
     (in the predictor, or in a root solve that then fails) is a ``NonFiniteError`` naming the field and
@@ -67,6 +72,7 @@ class ImplicitRK(Method):
         on_failure: str = "warn",
         adjoint_on_failure: str = "warn",
         init: str = "explicit",
+        compact_rows: bool = False,
     ) -> None:
         if root_options is None:
             root_options = {}
@@ -85,7 +91,10 @@ class ImplicitRK(Method):
         self.max_iter = max_iter
         self.on_failure = on_failure
         self.adjoint_on_failure = adjoint_on_failure
+        if not isinstance(compact_rows, bool):
+            raise TypeError(f"compact_rows must be True or False, got {compact_rows!r}")
         self.init = init
+        self.compact_rows = compact_rows
         self._finder = get_root_finder(
             root, tol=tol, max_iter=max_iter, on_failure=on_failure, **self.root_options
         )
@@ -116,6 +125,25 @@ class ImplicitRK(Method):
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.grad == "unroll"):
             return y + dt * f(t, y)
 
+    def _affine_map(self, f: VectorField, t: Tensor, base: Tensor, scale: Tensor | float) -> FixedPointMap:
+        """``z -> base + scale f(t, z)``, the fixed-point map of every implicit step here; with
+        ``compact_rows`` a ``RowMap`` that evaluates ``f`` on some batch rows when ``f`` allows it."""
+
+        def g(z: Tensor) -> Tensor:
+            return base + scale * f(t, z)
+
+        if not self.compact_rows:
+            return g
+
+        def rows(index: Tensor) -> FixedPointMap | None:
+            f_rows = restrict_rows(f, index)
+            if f_rows is None:
+                return None
+            base_rows = base.index_select(0, index)
+            return lambda z: base_rows + scale * f_rows(t, z)
+
+        return RowMap(g, rows)
+
     @abc.abstractmethod
     def _fixed_point(self, f: VectorField, t: Tensor, y: Tensor, dt: Tensor | float) -> FixedPointProblem:
         """The map ``g`` whose fixed point defines the step, the initial guess and ``z -> y_next``."""
@@ -131,7 +159,7 @@ class ImplicitEuler(ImplicitRK):
     def _fixed_point(self, f: VectorField, t: Tensor, y: Tensor, dt: Tensor | float) -> FixedPointProblem:
         t1 = t + dt
         z0 = self._predictor(f, t, y, dt) if self.init == "explicit" else y
-        return (lambda z: y + dt * f(t1, z)), z0, (lambda z: z)
+        return self._affine_map(f, t1, y, dt), z0, (lambda z: z)
 
 
 @register("trapezoid")
@@ -149,7 +177,7 @@ class Trapezoid(ImplicitRK):
             z0 = y
         else:  # the predictor reuses f0; its graph matters only when unrolling
             z0 = y + dt * f0 if self.grad == "unroll" else (y + dt * f0).detach()
-        return (lambda z: base + (0.5 * dt) * f(t1, z)), z0, (lambda z: z)
+        return self._affine_map(f, t1, base, 0.5 * dt), z0, (lambda z: z)
 
 
 @register("implicit_midpoint")
@@ -165,4 +193,4 @@ class ImplicitMidpoint(ImplicitRK):
     def _fixed_point(self, f: VectorField, t: Tensor, y: Tensor, dt: Tensor | float) -> FixedPointProblem:
         t_mid = t + 0.5 * dt
         z0 = self._predictor(f, t, y, 0.5 * dt) if self.init == "explicit" else y
-        return (lambda z: y + (0.5 * dt) * f(t_mid, z)), z0, (lambda z: 2 * z - y)
+        return self._affine_map(f, t_mid, y, 0.5 * dt), z0, (lambda z: 2 * z - y)

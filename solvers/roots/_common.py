@@ -9,12 +9,13 @@ asked for, keeping the last finite iterate of a sample whose update gives a non-
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from .._base import FixedPointMap, RootInfo
+from .._base import FixedPointMap, RootInfo, restrict_rows
 
 FlatMap = Callable[[Tensor], Tensor]
 
@@ -35,11 +36,19 @@ def bdot(a: Tensor, b: Tensor) -> Tensor:
 
 
 def bnorm(a: Tensor) -> Tensor:
-    """Per-sample Euclidean norm of a flat ``(batch, n)`` tensor, scaled so large entries do not overflow.
+    """Per-sample Euclidean norm of a flat ``(batch, n)`` tensor, scaled where large entries would overflow.
 
-    (A plain float32 norm of entries near 1e19 is ``inf``, which would make a relative residual 0.)
+    (A plain float32 norm of entries near 1e19 is ``inf``, which would make a relative residual 0.) The plain
+    norm is taken when every sample's is finite and large enough that squares lost to underflow (each below
+    the dtype's ``tiny``) cannot change it by an ``eps``; otherwise every sample is rescaled by its largest
+    entry first (three more passes over ``a``, the price of the guard on the common path before).
     """
-    scale = a.detach().abs().amax(dim=1).clamp_min(torch.finfo(a.dtype).tiny)
+    plain = torch.linalg.vector_norm(a, dim=1)
+    finfo = torch.finfo(a.dtype)
+    floor = math.sqrt(a.shape[1] * finfo.tiny / finfo.eps)
+    if bool(((plain >= floor) & torch.isfinite(plain)).all()):
+        return plain
+    scale = a.detach().abs().amax(dim=1).clamp_min(finfo.tiny)
     return scale * torch.linalg.vector_norm(a / scale[:, None], dim=1)
 
 
@@ -48,12 +57,23 @@ def wants_graph(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def write_slot(buffer: Tensor, index: tuple[int | slice, ...], value: Tensor, in_place: bool) -> Tensor:
+    """``buffer`` with ``buffer[:, *index] = value``: in place, or (when autograd records the iterations,
+    which in-place writes into a saved tensor would break) as a new tensor."""
+    out = buffer if in_place else buffer.clone()
+    out[(slice(None), *index)] = value
+    return out
+
+
 class IterationState:
     """Per-sample state of a fixed-point solve of ``z = g(z)`` on a flat ``(batch, n)`` view.
 
-    Attributes: ``z`` and ``gz`` (flat, accumulation dtype), ``abs_res``/``rel_res`` (per sample),
-    ``active`` (samples still iterating), ``diverged`` (samples stopped by a non-finite residual),
-    ``iterations``, ``nfev`` and ``nvjp`` counters.
+    Attributes: ``z``, ``gz`` and the residual ``f = gz - z`` (flat, accumulation dtype), ``abs_res``/
+    ``rel_res`` (per sample), ``active`` (samples still iterating), ``diverged`` (samples stopped by a
+    non-finite residual), ``iterations``, ``nfev`` and ``nvjp`` counters, and ``rows`` (batch rows evaluated).
+
+    Row compaction: when ``g`` can be restricted to batch rows (``solvers.RowMap``), ``evaluate`` with a
+    ``rows`` mask evaluates only those samples, so samples that have converged cost nothing more.
     """
 
     def __init__(self, g: FixedPointMap, z0: Tensor, tol: float) -> None:
@@ -64,9 +84,11 @@ class IterationState:
         self.tol = tol
         self.nfev = 0
         self.nvjp = 0
+        self.rows = 0
         batch = z0.shape[0] if z0.ndim >= 2 else 1
         self.z, self.gz = self.evaluate(z0.reshape(batch, -1).to(self.work_dtype))
-        self.abs_res, self.rel_res = self.residuals(self.z, self.gz)
+        self.f = self.gz - self.z
+        self.abs_res, self.rel_res = self.residuals_of(self.f, self.gz)
         device = z0.device
         self.iterations = torch.zeros(batch, dtype=torch.long, device=device)
         self.diverged = ~torch.isfinite(self.rel_res)
@@ -92,15 +114,34 @@ class IterationState:
         """``z`` rounded to the state dtype, so residuals refer to the point ``g`` actually saw."""
         return z if self.dtype == self.work_dtype else z.to(self.dtype).to(self.work_dtype)
 
-    def evaluate(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """``(z rounded to the state dtype, g(z))`` for a flat candidate; one evaluation of ``g``."""
+    def evaluate(self, z: Tensor, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(z rounded to the state dtype, g(z))`` for a flat candidate; one evaluation of ``g``.
+
+        ``rows`` (bool per sample): the samples whose value is needed. If some are not and ``g`` can be
+        restricted to batch rows, only the needed rows are evaluated and the others get their current
+        ``gz`` (a value only ``accept`` with a mask inside ``rows`` may consume: it does not move them).
+        """
         z = self.round(z)
         self.nfev += 1
+        if rows is not None and not bool(rows.all()):
+            index = rows.nonzero().squeeze(1)
+            restricted = restrict_rows(self.g, index) if index.numel() else None
+            if restricted is not None:
+                shape = (index.numel(), *self.shape[1:])
+                out = restricted(z.index_select(0, index).to(self.dtype).reshape(shape))
+                if out.shape != shape:
+                    raise ValueError(
+                        f"the fixed-point map restricted to {index.numel()} batch rows returned shape "
+                        f"{tuple(out.shape)}, expected {shape}"
+                    )
+                self.rows += index.numel()
+                return z, self.gz.index_copy(0, index, out.reshape(index.numel(), -1).to(self.work_dtype))
+        self.rows += self.z_rows
         return z, self.flatten(self.g(self.unflatten(z)))
 
     def detach(self) -> None:
         """Drop the autograd history of the stored iterate and residuals."""
-        self.z, self.gz = self.z.detach(), self.gz.detach()
+        self.z, self.gz, self.f = self.z.detach(), self.gz.detach(), self.f.detach()
         self.abs_res, self.rel_res = self.abs_res.detach(), self.rel_res.detach()
 
     def flat_map(self) -> FlatMap:
@@ -110,7 +151,12 @@ class IterationState:
     @staticmethod
     def residuals(z: Tensor, gz: Tensor) -> tuple[Tensor, Tensor]:
         """Per-sample ``||g(z) - z||`` and ``||g(z) - z|| / ||g(z)||``."""
-        abs_res = bnorm(gz - z)
+        return IterationState.residuals_of(gz - z, gz)
+
+    @staticmethod
+    def residuals_of(f: Tensor, gz: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-sample ``||f||`` and ``||f|| / ||g(z)||`` for the residual ``f = g(z) - z``."""
+        abs_res = bnorm(f)
         rel_res = abs_res / bnorm(gz).clamp_min(torch.finfo(abs_res.dtype).tiny)
         return abs_res, rel_res
 
@@ -121,16 +167,22 @@ class IterationState:
         ``residuals`` are ``self.residuals(z_new, gz_new)`` if the caller has them already. A sample whose
         new residual is not finite keeps its previous iterate and is marked diverged.
         """
-        abs_new, rel_new = residuals if residuals is not None else self.residuals(z_new, gz_new)
+        f_new = gz_new - z_new
+        abs_new, rel_new = residuals if residuals is not None else self.residuals_of(f_new, gz_new)
         finite = torch.isfinite(rel_new)
         moved = mask & finite
         self.diverged = self.diverged | (mask & ~finite)
         self.iterations = self.iterations + mask.long()
-        sel = per_sample(moved, z_new)
-        self.z = torch.where(sel, z_new, self.z)
-        self.gz = torch.where(sel, gz_new, self.gz)
-        self.abs_res = torch.where(moved, abs_new, self.abs_res)
-        self.rel_res = torch.where(moved, rel_new, self.rel_res)
+        if bool(moved.all()):  # every sample moves: no per-sample selection (three passes fewer)
+            self.z, self.gz, self.f = z_new, gz_new, f_new
+            self.abs_res, self.rel_res = abs_new, rel_new
+        else:
+            sel = per_sample(moved, z_new)
+            self.z = torch.where(sel, z_new, self.z)
+            self.gz = torch.where(sel, gz_new, self.gz)
+            self.f = torch.where(sel, f_new, self.f)
+            self.abs_res = torch.where(moved, abs_new, self.abs_res)
+            self.rel_res = torch.where(moved, rel_new, self.rel_res)
         self.active = self.active & ~self.diverged & (self.rel_res > self.tol)
         return moved
 
@@ -145,6 +197,7 @@ class IterationState:
             converged=converged,
             nvjp=self.nvjp,
             diverged=self.diverged,
+            rows=self.rows,
         )
         return self.unflatten(self.z), info
 
@@ -167,7 +220,7 @@ def backtrack(
     step = torch.ones_like(state.abs_res)
     decreased = torch.zeros_like(mask)
     for trial in range(max_backtracks + 1):
-        z_try, gz_try = state.evaluate(state.z + per_sample(step, direction) * direction)
+        z_try, gz_try = state.evaluate(state.z + per_sample(step, direction) * direction, pending)
         abs_try, _ = state.residuals(z_try, gz_try)
         ok = pending & torch.isfinite(abs_try) & (abs_try <= (1 - sufficient_decrease * step) * state.abs_res)
         take = ok | (pending & (trial == max_backtracks))

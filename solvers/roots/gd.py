@@ -67,7 +67,7 @@ class GradientDescent(RootFinder):
                 candidate = state.z - per_sample(lr, velocity) * velocity
                 if not (graph and candidate.requires_grad):
                     candidate = candidate.detach().requires_grad_(True)
-                z_new, gz_new = state.evaluate(candidate)
+                z_new, gz_new = state.evaluate(candidate, state.active)
                 moving = state.active
                 residuals = state.residuals(z_new, gz_new)
                 if self.backtrack:

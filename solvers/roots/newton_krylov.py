@@ -91,7 +91,7 @@ class NewtonKrylov(RootFinder):
             if self.max_backtracks > 0:
                 z_new, gz_new, _ = backtrack(state, direction, state.active, self.max_backtracks)
             else:
-                z_new, gz_new = state.evaluate(state.z + direction)
+                z_new, gz_new = state.evaluate(state.z + direction, state.active)
             state.accept(z_new, gz_new, state.active)
         return state.result()
 

@@ -30,6 +30,6 @@ class Picard(RootFinder):
         for _ in range(self.max_iter):
             if not bool(state.active.any()):
                 break
-            z_new, gz_new = state.evaluate(state.z + self.damping * (state.gz - state.z))
+            z_new, gz_new = state.evaluate(state.z + self.damping * state.f, state.active)
             state.accept(z_new, gz_new, state.active)
         return state.result()
