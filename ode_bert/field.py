@@ -63,8 +63,8 @@ CACHE_ARGUMENT_NAMES: tuple[str, ...] = (
 
 def cache_argument(
     layer: nn.Module, hidden: Tensor, args: Sequence[Any], kwargs: dict[str, Any]
-) -> str | None:
-    """The name of a key/value cache the layer call receives (not ``None``), or ``None`` if it gets none.
+) -> tuple[str, Any] | None:
+    """The name and value of a key/value cache the layer call receives (not ``None``), or ``None`` if none.
 
     ``args``/``kwargs`` are the layer call's arguments besides ``hidden`` (see ``split_hidden``). A cache is
     an argument named like one (``CACHE_ARGUMENT_NAMES``: ``cache``, ``past_key_value(s)``, ``layer_past``,
@@ -77,7 +77,7 @@ def cache_argument(
         Cache = ()  # noqa: N806
     for name, value in kwargs.items():
         if value is not None and (name in CACHE_ARGUMENT_NAMES or isinstance(value, Cache)):
-            return name
+            return name, value
     if not args:
         return None
     try:
@@ -86,11 +86,30 @@ def cache_argument(
         bound = {}
     for name in CACHE_ARGUMENT_NAMES:
         if bound.get(name) is not None:
-            return name
+            return name, bound[name]
     for position, value in enumerate(args):
         if isinstance(value, Cache):
-            return f"positional argument {position + 1}"
+            return f"positional argument {position + 1}", value
     return None
+
+
+def _longformer_padding(mask: Tensor, hidden: Tensor) -> Tensor | None:
+    """Longformer's ``is_index_masked``: bool ``(batch, tokens)``, true at padding."""
+    return ~mask.bool() if tuple(mask.shape) == tuple(hidden.shape[:2]) else None
+
+
+def _xlnet_padding(mask: Tensor, hidden: Tensor) -> Tensor | None:
+    """XLNet's ``attn_mask_g``: ``(queries or 1, tokens, batch, 1)``, positive where no attention goes."""
+    batch, tokens = hidden.shape[:2]
+    if mask.dim() != 4 or mask.shape[1] != tokens or mask.shape[2] not in (1, batch):
+        return None
+    return (mask <= 0).any(dim=0).any(dim=-1).transpose(0, 1).expand(batch, -1)
+
+
+FAMILY_MASKS: dict[str, Callable[[Tensor, Tensor], Tensor | None]] = {
+    "is_index_masked": _longformer_padding,
+    "attn_mask_g": _xlnet_padding,
+}
 
 
 def real_token_mask(
@@ -103,11 +122,21 @@ def real_token_mask(
     masked) or a 0/1 float mask, shaped ``(batch, tokens)`` or ``(batch, ..., queries, tokens)``; a key is
     real if any query attends to it. ``None`` when there is no mask or its format is not recognised
     (e.g. a flex-attention ``BlockMask``): callers then treat every position as real.
+
+    Family-specific masks come first (``FAMILY_MASKS``): Longformer's ``is_index_masked`` (true: padding)
+    and XLNet's ``attn_mask_g`` (``(queries, tokens, batch, 1)``, positive: masked; ``hidden`` is then the
+    batch-first view of XLNet's sequence-first state, see ``ODEConnection.sequence_first``).
     """
     try:
         bound = inspect.signature(type(layer).forward).bind(layer, hidden, *args, **kwargs).arguments
     except TypeError:
         return None
+    if hidden.dim() == 3:
+        for name, read in FAMILY_MASKS.items():
+            value = bound.get(name)
+            real = read(value, hidden) if isinstance(value, Tensor) else None
+            if real is not None:
+                return real
     found = [bound[name] for name in MASK_ARGUMENT_NAMES if name in bound]
     mask = found[0] if found else None
     if not isinstance(mask, Tensor) or hidden.dim() != 3 or mask.dim() < 2:
@@ -181,41 +210,77 @@ class LayerField:
         """Dense Jacobian ``df/dh`` at ``h``, shaped ``h.shape + h.shape`` (only for small states)."""
         return torch.autograd.functional.jacobian(lambda x: self(0.0, x), h)
 
+    def on_rows(self, index: Tensor, batch_size: int) -> LayerField | None:
+        """This field for the batch rows ``index`` (sorted 1-D long tensor) of hidden states of ``batch_size``
+        rows, every batch-dimension argument (attention mask, position tensors, ...) sliced alike; for row
+        compaction in root finders (``solvers.RowMap``), where converged samples stop being evaluated.
+
+        A tensor argument is batch-dimensioned when it has at least 2 dimensions and ``batch_size`` rows;
+        one with a single leading row broadcasts and is kept. ``None`` (evaluate the whole batch instead)
+        where slicing could be wrong: the layer is in training mode (its dropout masks are drawn per batch
+        shape, so a subset would get other masks), the layer returns extra outputs (they would describe the
+        subset), an argument is not a tensor, number, string or ``None`` (a cache, a block mask), or a tensor
+        argument's batch dimension is ambiguous (1-D with ``batch_size`` entries, or 2-D when it could be a
+        ``(tokens, tokens)`` matrix: ``batch_size`` rows and as many columns).
+        """
+        if self.layer.training or self.last_extras is not None:
+            return None
+        ambiguous = False
+
+        def sliced(value: Any) -> Any:
+            nonlocal ambiguous
+            if isinstance(value, Tensor):
+                leading = value.shape[0] if value.dim() else None
+                if leading != batch_size or batch_size == 1:
+                    return value
+                if value.dim() == 1 or (value.dim() == 2 and value.shape[1] == batch_size):
+                    ambiguous = True
+                    return value
+                return value.index_select(0, index.to(value.device))
+            if type(value) in (tuple, list):
+                return type(value)(sliced(v) for v in value)
+            if type(value) is dict:
+                return {k: sliced(v) for k, v in value.items()}
+            if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
+                return value
+            ambiguous = True
+            return value
+
+        args = tuple(sliced(a) for a in self.args)
+        kwargs = {k: sliced(v) for k, v in self.kwargs.items()}
+        if ambiguous:
+            return None
+        return LayerField(self.layer, self.framing, args, kwargs, forward=self.forward)
+
     @classmethod
     def capture(
         cls, model: nn.Module, framing: str = "residual", **inputs: Any
     ) -> list[tuple[LayerField, Tensor]]:
-        """Run ``model(**inputs)`` once and return, per encoder layer, its field and its input state.
+        """Run ``model(**inputs)`` once and return, per encoder layer (per step of ``find_layers``), its field
+        and its input state.
 
         The fields are bound to exactly the arguments the encoder passed to each layer during that
         forward (processed attention mask included), so ``field(0, h)`` and ``field.jacobian(h)`` can be
         evaluated standalone, e.g. for stability analysis. The fields use the stock layers; the input
         states are those of the model as it is (on a converted model, the ODE solution at each layer).
         """
-        layers = find_layers(model)
-        captured: dict[int, tuple[Tensor, tuple, dict]] = {}
+        stack = find_layers(model)
+        calls: list[tuple[nn.Module, tuple[Tensor, tuple, dict]]] = []  # every block call, in order
 
-        def make_hook(index: int, layer: nn.Module) -> Callable[..., None]:
-            def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-                if index not in captured:
-                    captured[index] = split_hidden(layer, args, kwargs)
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            calls.append((module, split_hidden(module, args, kwargs)))
 
-            return hook
-
-        handles = [
-            layer.register_forward_pre_hook(make_hook(i, layer), with_kwargs=True)
-            for i, layer in enumerate(layers)
-        ]
+        handles = [block.register_forward_pre_hook(hook, with_kwargs=True) for block in stack.blocks]
         try:
             with torch.no_grad():
                 model(**inputs)
         finally:
             for handle in handles:
                 handle.remove()
+        # the model calls the stack's blocks in step order (a shared ALBERT group once per step)
         return [
-            (cls(layers[i], framing, captured[i][1], captured[i][2]), captured[i][0])
-            for i in range(len(layers))
-            if i in captured
+            (cls(layer, framing, rest_args, rest_kwargs), hidden)
+            for layer, (hidden, rest_args, rest_kwargs) in calls[: len(stack)]
         ]
 
     def __repr__(self) -> str:

@@ -149,8 +149,9 @@ def test_bad_input_gives_clear_errors() -> None:
     with pytest.raises(TypeError, match="ode_bert supports .*DistilBERT"):
         convert(nn.Sequential(nn.Linear(3, 3), nn.ReLU()), "euler")
     t5 = T5Model(T5Config(vocab_size=VOCAB, d_model=16, d_kv=4, d_ff=20, num_layers=2, num_heads=4))
-    with pytest.raises(TypeError, match="encoder-decoder"):
-        convert(t5, "euler")
+    with pytest.raises(TypeError, match="layers_path='shared' is a Embedding, not an nn.ModuleList"):
+        convert(t5, "euler", layers_path="shared")  # the encoder-decoder's encoder.block is found by default
+    assert ode_bert.ode_config(t5) is None
     assert ode_bert.ode_config(model) is None  # failed conversions leave the model stock
 
 

@@ -242,31 +242,35 @@ def test_training_runs_save_the_model_card(tmp_path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# 3. Decoders with a KV cache are refused until they are supported
+# 3. Decoders with a KV cache: exact per-stage caches (tests/test_families.py), adaptive solvers refused
 # --------------------------------------------------------------------------------------------------
 
 
-def test_decoder_with_use_cache_is_refused_at_convert() -> None:
+def test_decoder_with_use_cache_refuses_adaptive_solvers_at_convert() -> None:
     stock = tiny_gpt2(use_cache=True)
     with torch.no_grad():
         out = convert(tiny_gpt2(use_cache=True), "euler")(torch.arange(7)[None] + 5)
     assert out.past_key_values.get_seq_length() == 7  # one evaluation per layer: the cache is right
-    for solver in ("rk4", "midpoint", "implicit_euler", "dopri5"):
+    for solver in ("rk4", "midpoint", "implicit_euler"):  # per-stage histories keep these exact
+        with torch.no_grad():
+            out = convert(tiny_gpt2(use_cache=True), solver)(torch.arange(7)[None] + 5)
+        assert out.past_key_values.get_seq_length() == 7
+    for solver in ("dopri5", "bosh3"):
         model = tiny_gpt2(use_cache=True)
         with pytest.raises(ValueError, match=r"decoder configured with use_cache=True.*use_cache=False"):
             convert(model, solver)
         assert ode_bert.ode_config(model) is None
     bert_decoder = tiny_bert(is_decoder=True)
     with pytest.raises(ValueError, match="use_cache=False"):
-        convert(bert_decoder, "rk4")
+        convert(bert_decoder, "dopri5")
     assert stock.config.use_cache
 
 
-def test_decoder_calls_with_a_cache_are_refused() -> None:
+def test_decoder_calls_with_a_cache_are_refused_for_adaptive_solvers() -> None:
     ids = torch.arange(7)[None] + 5
-    model = convert(tiny_gpt2(use_cache=False), "rk4", field="residual")
-    with pytest.raises(ValueError, match=r"layer 0 \(rk4\) receives a key/value cache.*use_cache=False"):
-        model(ids, use_cache=True)  # 4 evaluations per layer would put 28 positions in the cache
+    model = convert(tiny_gpt2(use_cache=False), "dopri5", field="residual")
+    with pytest.raises(ValueError, match=r"layer 0 \(dopri5; .*receives a key/value cache.*use_cache=False"):
+        model(ids, use_cache=True)  # the sub-steps depend on the whole sequence
     with pytest.raises(ValueError, match="receives a key/value cache"):
         model.generate(ids, max_new_tokens=2, do_sample=False, use_cache=True)
     assert model.generate(ids, max_new_tokens=2, do_sample=False).shape == (1, 9)  # the config's no-cache
