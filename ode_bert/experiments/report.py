@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
 from ..io import atomic_open
 from .plans import BASELINE, VARIANTS
-from .stats import METRICS, by_group, paired_difference, summarize_groups
+from .stats import (
+    METRICS,
+    bootstrap_over_examples_and_seeds,
+    by_group,
+    correlation,
+    mcnemar,
+    paired_difference,
+    summarize_groups,
+)
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -196,3 +205,105 @@ def plot_differences(
         fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
     return rows
+
+
+def attack_outcomes(run_dirs: list[Path], split: str, recipe: str) -> dict[str, Any]:
+    """Per group, variant and seed, the per-example outcomes of one attack (``ode_bert.attack.files``):
+    ``{group: {variant: {seed: {metric: [0/1 per example]}}}}``, with the example indices under
+    ``"_examples"`` per group; runs of one group must have attacked the same examples."""
+    from ..attack.files import attack_folder, per_example_metrics, run_identity
+
+    out: dict[str, Any] = {}
+    for run_dir in run_dirs:
+        group, variant, seed = run_identity(Path(run_dir))
+        indices, metrics = per_example_metrics(attack_folder(run_dir, split, recipe))
+        entry = out.setdefault(group, {"_examples": indices})
+        if entry["_examples"] != indices:
+            raise ValueError(f"{run_dir}: attacked other examples than the other runs of group {group}; "
+                             "attack every run with the same --split and --limit")  # fmt: skip
+        entry.setdefault(variant, {})[seed] = metrics
+    return out
+
+
+def format_attack_report(run_dirs: list[Path], config: Any, pairs: list[tuple[str, str]],
+                         baseline: str = BASELINE) -> str:  # fmt: skip
+    """Markdown tables of one attack over runs: per variant, mean ± std over seeds of every metric (clean,
+    robust accuracy per radius or accuracy under attack, in %) and the paired (same seed) difference to
+    ``baseline`` with its 95% t interval; then for each pair ``A:B``, the difference paired by seed (t) and by
+    example and seed (crossed bootstrap), and McNemar's test pooled over seeds and examples."""
+    from ..attack.runner import resolve_split
+    from ..train import read_train_config
+
+    task = read_train_config(Path(run_dirs[0]))["task"]
+    outcomes = attack_outcomes(run_dirs, resolve_split(task, config.split), config.recipe)
+    lines = []
+    for group, entry in outcomes.items():
+        n = len(entry["_examples"])
+        variants = sorted((v for v in entry if v != "_examples"), key=_variant_order)
+        metrics = list(next(iter(entry[variants[0]].values())))
+        lines += [f"### {group}: {config.recipe}, {n} examples (scores in %)", "",
+                  "| variant | seeds | " + " | ".join(f"{m} | Δ {m} vs {baseline}" for m in metrics) + " |",
+                  "|---|---|" + "---|---|" * len(metrics)]  # fmt: skip
+        for variant in variants:
+            runs = entry[variant]
+            cells = []
+            for metric in metrics:
+                values = [100 * sum(runs[s][metric]) / n for s in sorted(runs)]
+                std = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+                cells.append(f"{statistics.fmean(values):.2f}{std}")
+                shared = sorted(set(runs) & set(entry.get(baseline, {})))
+                if variant == baseline or not shared:
+                    cells.append("baseline" if variant == baseline else "-")
+                else:
+                    base = entry[baseline]
+                    mine = [100 * sum(runs[s][metric]) / n for s in shared]
+                    cells.append(_interval(paired_difference(mine, [100 * sum(base[s][metric]) / n
+                                                                    for s in shared])))  # fmt: skip
+            lines.append(f"| {variant} | {len(runs)} | " + " | ".join(cells) + " |")
+        lines.append("")
+        for a, b in pairs:
+            if a not in entry or b not in entry:
+                continue
+            shared = sorted(set(entry[a]) & set(entry[b]))
+            if not shared:
+                continue
+            noise = "" if len(shared) > 1 else " (one seed: the bootstrap resamples examples only)"
+            lines += [f"{a} − {b}, {len(shared)} shared seed(s){noise}:", "",
+                      "| metric | Δ by seed [95% t CI] | Δ by example and seed [95% bootstrap CI] "
+                      "| McNemar (only A / only B, p) |", "|---|---|---|---|"]  # fmt: skip
+            for metric in metrics:
+                xa = {s: entry[a][s][metric] for s in shared}
+                xb = {s: entry[b][s][metric] for s in shared}
+                by_seed = _interval(paired_difference([100 * sum(xa[s]) / n for s in shared],
+                                                      [100 * sum(xb[s]) / n for s in shared]))
+                boot = bootstrap_over_examples_and_seeds(xa, xb)
+                test = mcnemar([x for s in shared for x in xa[s]], [x for s in shared for x in xb[s]])
+                lines.append(f"| {metric} | {by_seed} | {boot['mean']:+.2f} [{boot['ci_low']:+.2f}, "
+                             f"{boot['ci_high']:+.2f}] | {test['only_a']} / {test['only_b']}, "
+                             f"p = {test['p_value']:.3g} |")  # fmt: skip
+            lines.append("")
+    return "\n".join(lines)
+
+
+def plot_growth_vs_robustness(points: list[dict[str, Any]], path: Path, title: str) -> dict[str, Any]:
+    """Scatter of each fine-tuned model's perturbation growth (x: e.g. the last layer's worst-direction growth
+    from ``stability_analysis.perturbation_growth``) against its robust accuracy (y, %), one colour per
+    variant, with Pearson's r and its 95% interval in the title; written atomically as PNG. ``points``:
+    dicts with ``variant``, ``growth``, ``robust``. Returns the correlation (``stats.correlation``)."""
+    result = correlation([p["growth"] for p in points], [p["robust"] for p in points])
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.8))
+    for variant in sorted({p["variant"] for p in points}, key=_variant_order):
+        mine = [p for p in points if p["variant"] == variant]
+        ax.scatter([p["growth"] for p in mine], [p["robust"] for p in mine], label=_display(variant))
+    interval = "" if result["ci_low"] is None else f" [{result['ci_low']:.2f}, {result['ci_high']:.2f}]"
+    ax.set_title(f"{title}\nPearson r = {result['r']:.2f}{interval} (95%, Fisher z), n = {result['n']}",
+                 fontsize=9)  # fmt: skip
+    ax.set_xlabel("perturbation growth (last layer / input)")
+    ax.set_ylabel("robust accuracy (%)")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_open(Path(path), "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
+    return result

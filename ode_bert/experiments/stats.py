@@ -7,8 +7,6 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-from scipy import stats
-
 # What every run is scored on (``metrics.json`` keys) and how tables call it.
 METRICS = {"clean": "clean dev", "advglue": "AdvGLUE"}
 
@@ -22,6 +20,8 @@ def paired_difference(values: Sequence[float], baseline: Sequence[float]) -> dic
     mean = statistics.fmean(diffs)
     if len(diffs) < 2:
         return {"mean": mean, "ci_low": None, "ci_high": None, "n": len(diffs)}
+    from scipy import stats  # 0.9 s to import: only when an interval is computed, not for --help
+
     half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
     return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half, "n": len(diffs)}
 
@@ -92,3 +92,62 @@ def summarize_groups(records: list[dict[str, Any]], baseline: str = "bert") -> d
         first = next(iter(by_variant[baseline].values()))
         summary[name] = {"variants": stats_, "constant": {m: 100 * first[m]["constant"] for m in METRICS}}
     return summary
+
+
+def bootstrap_over_examples_and_seeds(
+    a: dict[int, Sequence[float]], b: dict[int, Sequence[float]], samples: int = 2000, seed: int = 0
+) -> dict[str, float | int]:
+    """Mean of ``a - b`` over seeds and examples, in points, with a 95% percentile interval from a crossed
+    bootstrap: seeds and examples are resampled independently (the same resampled examples for every seed,
+    since every seed is scored on the same examples), so the interval reflects both sources of noise.
+
+    ``a`` and ``b`` map seed -> per-example outcome (e.g. 1 = robust), the same examples in the same order.
+    """
+    import numpy as np
+
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        raise ValueError("no seed is shared by the two variants")
+    diffs = np.array([np.asarray(a[s], dtype=float) - np.asarray(b[s], dtype=float) for s in seeds])
+    if diffs.ndim != 2 or diffs.shape[1] == 0:
+        raise ValueError("every seed needs the same, non-empty list of examples")
+    rng = np.random.default_rng(seed)
+    n_seeds, n_examples = diffs.shape
+    means = np.empty(samples)
+    for k in range(samples):
+        rows = rng.integers(0, n_seeds, n_seeds)
+        cols = rng.integers(0, n_examples, n_examples)
+        means[k] = diffs[np.ix_(rows, cols)].mean()
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"mean": 100 * float(diffs.mean()), "ci_low": 100 * float(low), "ci_high": 100 * float(high),
+            "seeds": n_seeds, "examples": n_examples}  # fmt: skip
+
+
+def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> dict[str, float | int]:
+    """McNemar's exact test on paired 0/1 outcomes: the discordant pairs (``a`` right and ``b`` wrong, and the
+    reverse) and the two-sided binomial p-value of their split."""
+    if len(a) != len(b):
+        raise ValueError(f"need paired outcomes, got {len(a)} and {len(b)}")
+    from scipy import stats
+
+    only_a = sum(bool(x) and not bool(y) for x, y in zip(a, b))
+    only_b = sum(bool(y) and not bool(x) for x, y in zip(a, b))
+    p = stats.binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
+    return {"only_a": only_a, "only_b": only_b, "p_value": float(p)}
+
+
+def correlation(x: Sequence[float], y: Sequence[float]) -> dict[str, float | int | None]:
+    """Pearson's r of paired values with a 95% interval from Fisher's z transform (``None`` below 4 points,
+    where the transform's standard error ``1 / sqrt(n - 3)`` is undefined or useless), and its p-value."""
+    if len(x) != len(y) or len(x) < 3:
+        raise ValueError(f"need at least 3 paired values, got {len(x)} and {len(y)}")
+    from scipy import stats
+
+    r, p = stats.pearsonr(x, y)
+    r = float(r)
+    if len(x) < 4 or abs(r) == 1.0:
+        return {"r": r, "ci_low": None, "ci_high": None, "p_value": float(p), "n": len(x)}
+    half = stats.norm.ppf(0.975) / math.sqrt(len(x) - 3)
+    z = math.atanh(r)
+    return {"r": r, "ci_low": math.tanh(z - half), "ci_high": math.tanh(z + half), "p_value": float(p),
+            "n": len(x)}  # fmt: skip
