@@ -15,10 +15,11 @@ line's ``--help``) does not import torch or transformers.
 
 from __future__ import annotations
 
-import importlib
 import sys
 import types
 from typing import Any
+
+from ._lazy import lazy_exports
 
 # public name -> the submodule that defines it
 _EXPORTS: dict[str, str] = {
@@ -26,6 +27,7 @@ _EXPORTS: dict[str, str] = {
     "FRAMINGS": "settings",
     "ODESettings": "settings",
     "PRESETS": "settings",
+    "EvaluationBudgetWarning": "convert",
     "LayerStats": "convert",
     "NonFiniteError": "convert",
     "ODEConnection": "convert",
@@ -35,10 +37,13 @@ _EXPORTS: dict[str, str] = {
     "ode_config": "convert",
     "solver_stats": "convert",
     "unconvert": "convert",
+    "LayerStack": "layers",
     "find_layers": "layers",
     "parse_layers": "layers",
     "LayerField": "field",
     "DEFAULT_MODEL": "pretrained",
+    "MPNET_MODEL": "pretrained",
+    "PackagedModelError": "pretrained",
     "from_pretrained": "pretrained",
     "load_model": "pretrained",
     "resolve_model_path": "pretrained",
@@ -47,19 +52,7 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value  # later lookups skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*__all__, *(name for name in globals() if name.startswith("__"))})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 class _Package(types.ModuleType):

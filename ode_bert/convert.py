@@ -4,12 +4,15 @@
 the layer's module hooks (e.g. transformers' ``output_hidden_states`` recording) then see the ODE step's
 output, every extra argument the encoder passes (attention mask, cache, ...) reaches each evaluation of
 the layer unchanged, and no parameter or buffer is added, so ``state_dict()`` and checkpoints stay stock.
-The configuration is stored in ``model.config.ode_bert`` and survives ``save_pretrained``.
+The configuration is stored in ``model.config.ode_bert`` and survives ``save_pretrained``. A block the
+model calls at several steps (ALBERT) gets a ``SharedConnection`` that passes each call to its step's
+connection; a key/value cache is kept exact per stage by ``ode_bert.kvcache``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,8 +24,9 @@ import solvers
 from solvers import Method, RootInfo, StepInfo, all_finite
 
 from .field import LayerField, cache_argument, real_token_mask, split_hidden, stock_forward
-from .layers import find_layers, parse_layers
-from .settings import CONFIG_KEY, SETTING_NAMES, ODESettings, not_a_dict
+from .layers import LAYERS_PATH_KEY, LayerStack, find_layers, parse_layers
+from .probe import probe_stack
+from .settings import ADAPTIVE_DEFAULTS, CONFIG_KEY, SETTING_NAMES, ODESettings, not_a_dict
 
 # --------------------------------------------------------------------------------------------------
 # The ODE connection
@@ -41,17 +45,6 @@ def _is_single_evaluation(method: Method) -> bool:
     """Whether one step of ``method`` evaluates the vector field exactly once (explicit Euler)."""
     tableau = method.tableau
     return not method.implicit and not method.adaptive and tableau is not None and len(tableau.b) == 1
-
-
-def _cache_message(index: int, solver: str, where: str) -> str:
-    return (
-        f"layer {index} ({solver}) receives a key/value cache ({where}): every evaluation of the layer in "
-        f"an ODE step would append its keys and values to the cache, so later tokens would attend to "
-        f"the wrong positions. ode_bert does not support caches with solvers that evaluate a layer more "
-        f"than once yet: call the model with use_cache=False (model(..., use_cache=False), "
-        f"generate(..., use_cache=False)), set model.config.use_cache = False, or use solver='euler' "
-        f"(one evaluation per layer)"
-    )
 
 
 class _RecordTrimmer:
@@ -118,11 +111,16 @@ class ODEConnection:
     NaN and Inf are errors (``NonFiniteError``) naming the layer, the solver and whether the input state or
     the vector field was non-finite: the input and the step's output are checked once each (a sum, ~0.1%
     of a MiniLM forward); inside implicit and adaptive solves every field value is checked, as those may
-    otherwise hide it. ``check_finite = False`` on an instance switches the checks off. A layer call that
-    receives a key/value cache (decoders) is refused unless the method evaluates the layer once (euler).
+    otherwise hide it. ``check_finite = False`` on an instance switches the checks off.
+
+    A layer call that receives a key/value cache (decoders) keeps one key/value history per stage of a
+    method that evaluates the layer more than once, so that cached decoding equals decoding without a cache
+    (``ode_bert.kvcache.CachePlan``; adaptive methods are refused there). ``sequence_first`` layers (XLNet)
+    are solved in the batch-first view of their state, so norms and records are per sequence.
     """
 
     mask_padding: bool = True  # set False on an instance to solve padding positions too (for comparisons)
+    sequence_first: bool = False  # the layer's hidden states are (tokens, batch, ...) (XLNet; set by convert)
     check_finite: bool = True  # set False on an instance to skip the NaN/Inf checks (for benchmarks)
 
     def __init__(
@@ -166,20 +164,31 @@ class ODEConnection:
                 )
             return out
 
-        return checked
+        def checked_rows(index: Tensor) -> Callable[..., Tensor] | None:  # row compaction (solvers.RowMap)
+            f_rows = solvers.restrict_rows(f, index)
+            return None if f_rows is None else self._checked(f_rows, field)
+
+        return solvers.RowMap(checked, checked_rows)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         h, rest_args, rest_kwargs = split_hidden(self.layer, args, kwargs)
-        if not _is_single_evaluation(self.method):
-            cache = cache_argument(self.layer, h, rest_args, rest_kwargs)
-            if cache is not None:
-                raise ValueError(_cache_message(self.index, self.solver, cache))
+        if self.sequence_first:  # solve in (batch, tokens, ...): per-sequence norms, records and padding
+            return _first_transposed(self._step(h.transpose(0, 1), rest_args, rest_kwargs, transposed=True))
+        return self._step(h, rest_args, rest_kwargs)
+
+    def _step(
+        self, h: Tensor, rest_args: tuple, rest_kwargs: dict[str, Any], transposed: bool = False
+    ) -> Any:
+        """One ODE step from ``h``, batch-first (``transposed``: the layer takes ``h.transpose(0, 1)``)."""
+        single = _is_single_evaluation(self.method)
+        cache = None if single else cache_argument(self.layer, h, rest_args, rest_kwargs)
         if self.check_finite and not all_finite(h):
             raise NonFiniteError(
                 f"{self._where()}: the input hidden state contains NaN or Inf, before the ODE step (it comes "
                 f"from the embeddings, the inputs or an earlier layer)"
             )
         base = self.original if self.original is not None else stock_forward(self.layer)
+        cached = self._cache_plan(*cache) if cache is not None else None
         trimmer = _RecordTrimmer()
         randomness = _RandomState(h.device) if self.layer.training else None
 
@@ -187,9 +196,20 @@ class ODEConnection:
             trimmer.mark()
             if randomness is not None:
                 randomness.restore()
-            return base(*a, **kw)
+            if transposed:  # the layer's own layout in, batch-first out
+                return cached_call(lambda: _first_transposed(base(a[0].transpose(0, 1), *a[1:], **kw)))
+            return cached_call(lambda: base(*a, **kw))
+
+        def cached_call(run: Callable[[], Any]) -> Any:
+            return run() if cached is None else cached.evaluate(field.nfev, run)
 
         field = LayerField(self.layer, self.framing, rest_args, rest_kwargs, forward=evaluate)
+
+        def field_rows(index: Tensor) -> LayerField | None:  # row compaction (solvers.RowMap, compact_rows)
+            # not while transformers records each evaluation's outputs (attentions): they describe the batch;
+            # not for sequence-first layers, whose arguments have the batch in another dimension
+            return None if trimmer.collected or transposed else field.on_rows(index, h.shape[0])
+
         masked = self.mask_padding and self.method.implicit
         real = real_token_mask(self.layer, h, rest_args, rest_kwargs) if masked else None
         # Explicit steps propagate a NaN/Inf of any evaluation to their output, checked below; implicit and
@@ -198,19 +218,24 @@ class ODEConnection:
         try:
             if self.method.adaptive:
                 scale = self.step
-                f = lambda t, y: scale * field(t, y)  # noqa: E731
+                f = _watch_budget(lambda t, y: scale * field(t, y), self)
                 h_next, info = self.method.step(
                     self._checked(f, field) if hidden_nan else f, float(self.index), h, 1.0
                 )
             elif real is None or bool(real.all()):
-                f = self._checked(field, field) if hidden_nan else field
+                rowwise = solvers.RowMap(field, field_rows)
+                f = self._checked(rowwise, field) if hidden_nan else rowwise
                 h_next, info = self.method.step(f, float(self.index), h, self.step)
             else:
-                h_next, info = self._step_real_tokens(field, h, real, hidden_nan)
-        except solvers.NonFiniteError as err:
-            if isinstance(err, NonFiniteError):
-                raise
-            raise NonFiniteError(f"{self._where()}: {err}") from err
+                h_next, info = self._step_real_tokens(field, h, real, hidden_nan, field_rows)
+        except BaseException as err:
+            if cached is not None:  # the cache as it was before the step
+                cached.abandon()
+            if isinstance(err, solvers.NonFiniteError) and not isinstance(err, NonFiniteError):
+                raise NonFiniteError(f"{self._where()}: {err}") from err
+            raise
+        if cached is not None:  # implicit methods: the stage's keys and values at the converged state
+            info = dataclasses.replace(info, nfev=info.nfev + cached.finish(field.layer_output, h, h_next))
         if self.check_finite and not all_finite(h_next):
             raise NonFiniteError(
                 f"{self._where()}: the output of the ODE step contains NaN or Inf although its input was "
@@ -223,21 +248,39 @@ class ODEConnection:
             return (h_next, *field.last_extras)
         return h_next
 
+    def _cache_plan(self, name: str, cache: Any) -> Any:
+        """The ``CachePlan`` that keeps this step's keys and values exact (see ``ode_bert.kvcache``)."""
+        from .kvcache import CachePlan
+
+        signature = f"{self.solver} (step {self.step:g}, field={self.framing!r})"
+        where = f"layer {self.index} ({self.solver}; cache argument {name!r})"
+        return CachePlan.prepare(self.layer, cache, self.method, signature, where)
+
     def _step_real_tokens(
-        self, field: LayerField, h: Tensor, real: Tensor, check: bool = False
+        self, field: LayerField, h: Tensor, real: Tensor, check: bool = False,
+        rows: Callable[[Tensor], LayerField | None] | None = None,
     ) -> tuple[Tensor, StepInfo]:
         """Step only the real tokens; padding positions keep ``h``.
 
         The method integrates ``y = h - held`` (zero at padding) under ``keep * f(y + held)``, with
         ``held`` the padding part of ``h``: the field vanishes at padding, so ``y`` stays zero there and
         the solve's residual norms see the real tokens only. Exact for the (linear) Runge-Kutta methods.
+        ``rows(index)``: the field on some batch rows (row compaction), or ``None`` where it cannot be.
         """
         keep = real[..., None].to(h.dtype)
         held = h * (1 - keep)
 
-        def f(t: Any, y: Tensor) -> Tensor:
+        def f_all(t: Any, y: Tensor) -> Tensor:
             return keep * field(t, y + held)
 
+        def f_rows(index: Tensor) -> Callable[..., Tensor] | None:
+            field_rows = rows(index) if rows is not None else None
+            if field_rows is None:
+                return None
+            keep_rows, held_rows = keep.index_select(0, index), held.index_select(0, index)
+            return lambda t, y: keep_rows * field_rows(t, y + held_rows)
+
+        f = solvers.RowMap(f_all, f_rows)
         h_next, info = self.method.step(
             self._checked(f, field) if check else f, float(self.index), h * keep, self.step
         )
@@ -260,6 +303,13 @@ class ODEConnection:
         )
 
 
+def _first_transposed(out: Any) -> Any:
+    """A layer output (tensor, or tuple starting with one) with the first tensor's dims 0 and 1 swapped."""
+    if isinstance(out, (tuple, list)):
+        return (out[0].transpose(0, 1), *out[1:])
+    return out.transpose(0, 1)
+
+
 def _detached(info: StepInfo) -> StepInfo:
     """A copy of ``info`` whose tensors do not keep the autograd graph alive."""
     if info.root is None:
@@ -270,15 +320,75 @@ def _detached(info: StepInfo) -> StepInfo:
     return dataclasses.replace(info, root=type(root)(**fields))
 
 
+class SharedConnection:
+    """Replacement ``forward`` of a block the model calls at several steps (ALBERT's shared groups).
+
+    Each call is the next of the block's ``steps`` (counted from the start of the stack owner's forward,
+    reset by a ``_ResetCalls`` pre-hook on it) and goes to that step's ``ODEConnection``, or to the block's
+    own forward for a step that is not converted. A call beyond the schedule (e.g. a gradient-checkpointing
+    recompute outside the owner's forward) is a ``RuntimeError``, never a silently wrong step.
+    """
+
+    def __init__(
+        self, layer: nn.Module, steps: list[int], connections: dict[int, ODEConnection], original: Any
+    ) -> None:
+        self.layer = layer
+        self.steps = steps
+        self.connections = connections
+        self.original = original
+        self.calls = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.calls >= len(self.steps):
+            raise RuntimeError(
+                f"{type(self.layer).__name__} (shared by steps {self.steps}) was called {self.calls + 1} "
+                f"times since its stack's forward began; ode_bert counts the calls of a shared block to know "
+                f"its step, so it must be called only from that forward (no gradient-checkpointing recompute)"
+            )
+        step = self.steps[self.calls]
+        self.calls += 1
+        connection = self.connections.get(step)
+        if connection is not None:
+            return connection(*args, **kwargs)
+        base = self.original if self.original is not None else stock_forward(self.layer)
+        return base(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"SharedConnection(steps={self.steps}, converted={sorted(self.connections)})"
+
+
+class _ResetCalls:
+    """Forward pre-hook on a shared stack's owner: every forward of the stack starts counting at step 0."""
+
+    def __init__(self, shared: list[SharedConnection]) -> None:
+        self.shared = shared
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        for connection in self.shared:
+            connection.calls = 0
+
+
 # --------------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------------
 
 
 def _connections(model: nn.Module) -> list[ODEConnection]:
-    """The ODE connections currently installed on ``model``'s encoder layers, in layer order."""
-    forwards = [layer.__dict__.get("forward") for layer in find_layers(model)]
-    return [c for c in forwards if isinstance(c, ODEConnection)]
+    """The ODE connections currently installed on ``model``'s encoder layers, in step order."""
+    found: list[ODEConnection] = []
+    for block in find_layers(model).blocks:
+        installed = block.__dict__.get("forward")
+        if isinstance(installed, ODEConnection):
+            found.append(installed)
+        elif isinstance(installed, SharedConnection):
+            found.extend(installed.connections.values())
+    return sorted(found, key=lambda c: c.index)
+
+
+def _stack_owner(model: nn.Module, path: str) -> nn.Module:
+    """The module whose forward runs the stack at ``path`` (its parent)."""
+    parent = path.rpartition(".")[0]
+    return model.get_submodule(parent) if parent else model
 
 
 def convert(
@@ -291,6 +401,7 @@ def convert(
     grad: str | None = None,
     tol: float | None = None,
     max_iter: int | None = None,
+    layers_path: str | None = None,
     **solver_options: Any,
 ) -> nn.Module:
     """Make the selected encoder layers ODE-solver steps, in place; returns ``model``.
@@ -302,6 +413,12 @@ def convert(
     ``max_iter``). With an ``ODESettings``, set arguments replace its fields and other keywords are added to
     its ``solver_options``. See ``ODESettings`` for what each setting means; ``field="residual"`` with
     ``euler`` and step 1 is the stock model.
+
+    ``layers_path`` names the stack of blocks (``"encoder.block"``) where ``find_layers`` cannot decide; it is
+    stored in ``model.config`` (``ode_bert_layers_path``) so that reloading finds the same stack. Before any
+    change, a probe forward (``probe_stack``) refuses stacks whose blocks change the hidden state's shape or
+    return something without a hidden-state tensor. A block called at several steps (ALBERT) is one vector
+    field at several times: ``layers`` selects steps.
 
     Converting a converted model reconfigures it from scratch. Implicit solvers hold padding positions
     fixed: their outputs are not the layer's, and only real tokens enter the root finder's residual (see
@@ -319,34 +436,61 @@ def convert(
         )
     else:
         settings = solver
-    layer_list = find_layers(model)
+    config = getattr(model, "config", None)
+    if layers_path is None:  # reconverting keeps the stack named before
+        layers_path = getattr(config, LAYERS_PATH_KEY, None)
+    layer_list = find_layers(model, layers_path)
     indices = parse_layers(settings.layers, len(layer_list))
     method = settings.make_method(on_failure="ignore")  # the connections report failures, naming the layer
     if not _is_single_evaluation(method) and _decoder_with_cache(model, layer_list):
-        raise ValueError(
-            f"{type(model).__name__} is a decoder configured with use_cache=True: its layers receive a "
-            f"key/value cache, and solver {settings.solver!r} evaluates each layer more than once per step, "
-            f"so every evaluation would append to the cache. ode_bert does not support that yet: load the "
-            f"model with use_cache=False (from_pretrained(..., use_cache=False)) or set "
-            f"model.config.use_cache = False before convert, and call it with use_cache=False; or use "
-            f"solver='euler' (one evaluation per layer)"
-        )
+        from .kvcache import stage_plan
+
+        if stage_plan(method) is None:
+            raise ValueError(
+                f"{type(model).__name__} is a decoder configured with use_cache=True, and solver "
+                f"{settings.solver!r} cannot keep exact keys and values in a cache: its sub-steps depend "
+                f"on the whole sequence, so incremental decoding cannot equal the model without a cache. "
+                f"Load the model with use_cache=False (from_pretrained(..., use_cache=False)) or set "
+                f"model.config.use_cache = False before convert, and call it with use_cache=False; or use a "
+                f"fixed-step solver (euler, midpoint, heun, rk4) or implicit_euler, implicit_midpoint, "
+                f"trapezoid"
+            )
 
     unconvert(model)
-    for index in indices:
-        layer = layer_list[index]
-        original = layer.__dict__.get("forward")
-        layer.forward = ODEConnection(
+    probe = probe_stack(model, layer_list)  # refuses blocks that change the shape or hide the hidden state
+    sequence_first = probe is not None and probe.sequence_first
+
+    def connection(layer: nn.Module, index: int, original: Any) -> ODEConnection:
+        made = ODEConnection(
             layer, index, settings.solver, method, settings.step, settings.field, settings.on_failure,
             original,
         )  # fmt: skip
-    config = getattr(model, "config", None)
+        if sequence_first:
+            made.sequence_first = True
+        return made
+
+    if layer_list.shared:
+        shared = []
+        for number, block in enumerate(layer_list.blocks):
+            steps = layer_list.steps_of(number)
+            original = block.__dict__.get("forward")
+            chosen = {i: connection(block, i, original) for i in steps if i in indices}
+            if chosen:
+                block.forward = SharedConnection(block, steps, chosen, original)
+                shared.append(block.forward)
+        _stack_owner(model, layer_list.path).register_forward_pre_hook(_ResetCalls(shared))
+    else:
+        for index in indices:
+            layer = layer_list[index]
+            layer.forward = connection(layer, index, layer.__dict__.get("forward"))
     if config is not None:
         setattr(config, CONFIG_KEY, {**settings.to_dict(), "layers": indices})
+        if layers_path is not None:
+            setattr(config, LAYERS_PATH_KEY, layers_path)
     return model
 
 
-def _decoder_with_cache(model: nn.Module, layer_list: nn.ModuleList) -> bool:
+def _decoder_with_cache(model: nn.Module, layer_list: LayerStack) -> bool:
     """Whether ``model`` is a decoder (``config.is_decoder`` or causal attention) set to use a KV cache."""
     config = getattr(model, "config", None)
     if not getattr(config, "use_cache", False):
@@ -358,26 +502,36 @@ def _decoder_with_cache(model: nn.Module, layer_list: nn.ModuleList) -> bool:
 
 def unconvert(model: nn.Module) -> nn.Module:
     """Restore the stock ``forward`` of every converted layer and drop the stored configuration."""
-    for layer in find_layers(model):
+    try:
+        stack = find_layers(model)  # the converted stack: the one named in model.config, or the one found
+    except TypeError:  # no stack is found, so none was converted
+        stack = None
+    for layer in stack.blocks if stack is not None else ():
         connection = layer.__dict__.get("forward")
-        if isinstance(connection, ODEConnection):
+        if isinstance(connection, (ODEConnection, SharedConnection)):
             if connection.original is not None:
                 layer.forward = connection.original
             else:
                 del layer.forward
+    hooks = _stack_owner(model, stack.path)._forward_pre_hooks if stack is not None else {}
+    for key in [k for k, hook in hooks.items() if isinstance(hook, _ResetCalls)]:
+        del hooks[key]
     config = getattr(model, "config", None)
-    if config is not None and hasattr(config, CONFIG_KEY):
-        delattr(config, CONFIG_KEY)
+    for key in (CONFIG_KEY, LAYERS_PATH_KEY):
+        if config is not None and hasattr(config, key):
+            delattr(config, key)
     return model
 
 
 def _convert_preset(model: nn.Module, name: str, changes: dict[str, Any]) -> nn.Module:
     """``convert`` with ``ODESettings.preset(name)``; ``changes`` are settings, or else solver options."""
+    changes = dict(changes)
+    layers_path = changes.pop("layers_path", None)
     fields = {k: v for k, v in changes.items() if k in SETTING_NAMES}
     options = {k: v for k, v in changes.items() if k not in SETTING_NAMES}
     if options:
         fields["solver_options"] = {**fields.get("solver_options", {}), **options}
-    return convert(model, ODESettings.preset(name, **fields))
+    return convert(model, ODESettings.preset(name, **fields), layers_path=layers_path)
 
 
 def im_bert(model: nn.Module, **changes: Any) -> nn.Module:
@@ -434,6 +588,42 @@ def reapply(model: nn.Module, source: str = "model.config") -> nn.Module:
         raise type(err)(f"{CONFIG_KEY} in {source} cannot be applied: {err}") from err
 
 
+# Layer evaluations one converted layer may make in one adaptive step before the forward warns that it costs
+# far more than the stock model (1 evaluation per layer). The default tolerances (settings.ADAPTIVE_DEFAULTS)
+# take 21-44 on MiniLM; the solvers' own (rtol 1e-7) 81-981, or more (bench/adaptive_defaults.py).
+EVALUATION_BUDGET = 100
+
+
+class EvaluationBudgetWarning(UserWarning):
+    """An adaptive step of one layer used more than ``EVALUATION_BUDGET`` evaluations and is still going."""
+
+
+def _watch_budget(f: Callable[[Any, Tensor], Tensor], connection: ODEConnection) -> Callable[..., Tensor]:
+    """``f`` counting its calls: the call past ``EVALUATION_BUDGET`` warns once, while the step still runs
+    (an adaptive solve at a tight tolerance can take minutes per forward; the warning comes before)."""
+    calls = 0
+
+    def watched(t: Any, y: Tensor) -> Tensor:
+        nonlocal calls
+        calls += 1
+        if calls == EVALUATION_BUDGET + 1:
+            method = connection.method
+            tolerances = ", ".join(f"{name}={getattr(method, name):g}" for name in ("rtol", "atol")
+                                   if hasattr(method, name))  # fmt: skip
+            defaults = ", ".join(f"{name} {value:g}" for name, value in ADAPTIVE_DEFAULTS.items())
+            warnings.warn(
+                f"layer {connection.index} ({connection.solver}, {tolerances}): more than "
+                f"{EVALUATION_BUDGET} layer evaluations in one step and not done, where the stock model "
+                f"makes 1; this forward may take minutes. Loosen rtol/atol (the defaults, {defaults}, cost "
+                f"21-44 per MiniLM layer; docs/choosing-a-solver.md) or use a fixed-step method",
+                EvaluationBudgetWarning,
+                stacklevel=2,
+            )
+        return f(t, y)
+
+    return watched
+
+
 @dataclass(frozen=True)
 class LayerStats:
     """Solver statistics of one converted layer in the last forward (iterations/residual: max over batch).
@@ -450,11 +640,17 @@ class LayerStats:
     converged: bool
     tol: float | None = None  # the tolerance the solve used (raised under autocast; RootFinder.tolerance)
     root: RootInfo | None = dataclasses.field(default=None, repr=False)  # per-sample record, implicit solves
+    budget: int | None = None  # adaptive steps: the evaluations per step past which the forward warned
 
     @property
     def converged_share(self) -> float:
         """The share of the batch's sequences whose equation converged (1 for explicit and adaptive steps)."""
         return 1.0 if self.root is None else float(self.root.converged.float().mean())
+
+    @property
+    def over_budget(self) -> bool:
+        """Whether this layer's step used more evaluations than its budget (``EVALUATION_BUDGET``)."""
+        return self.budget is not None and self.nfev > self.budget
 
 
 class SolverStats(list):
@@ -469,6 +665,10 @@ class SolverStats(list):
             tol = "-" if s.tol is None else f"{s.tol:.0e}"
             rows.append(f"{s.layer:>5} {s.solver:<16} {s.nfev:>6} {s.iterations:>6} {residual:>9} {tol:>7} "
                         f"{100 * s.converged_share:.0f}%")
+        over = [s for s in self if s.over_budget]
+        if over:
+            rows.append(f"over budget: layer(s) {', '.join(str(s.layer) for s in over)} used more than "
+                        f"{over[0].budget} evaluations in one step (the stock model: 1 per layer)")
         return "\n".join(rows)
 
 
@@ -490,6 +690,7 @@ def solver_stats(model: nn.Module) -> SolverStats:
                 residual=root.max_rel_residual if root is not None else None,
                 converged=root.all_converged if root is not None else True,
                 tol=root.tol if root is not None else None,
+                budget=EVALUATION_BUDGET if connection.method.adaptive else None,
                 root=root,
             )
         )

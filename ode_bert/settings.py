@@ -91,6 +91,34 @@ PRESETS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
+# Tolerances of the adaptive solvers (dopri5, bosh3, adaptive_heun, dopri8) inside ``convert`` when the
+# user gives none; filled into ``solver_options``, so a saved model stores them. Measured on MiniLM with
+# ``python -m bench.adaptive_defaults`` (docs/choosing-a-solver.md): at rtol 1e-3 a forward of every layer
+# costs 21-44 layer evaluations per layer (the stock model: 1) and lands within 4e-3 (max abs, 6e-4 of the
+# largest value) of a float64 solve of the same ODE, far inside the 1.8 by which that ODE's flow differs from
+# the stock model; the solvers' own defaults (rtol 1e-7, atol 1e-9, torchdiffeq's) sit at float32's
+# resolution: 81 (dopri5) to 981 (dopri8) evaluations per layer, and adaptive_heun exhausts its budget of
+# 4,096 substeps. A configuration saved before the defaults were filled
+# in has no rtol/atol: it loads with ``LEGACY_ADAPTIVE_TOLERANCES``, what it computed with (``from_dict``).
+ADAPTIVE_DEFAULTS: dict[str, float] = {"rtol": 1e-3, "atol": 1e-5}
+LEGACY_ADAPTIVE_TOLERANCES: dict[str, float] = {"rtol": 1e-7, "atol": 1e-9}
+
+
+def is_adaptive(solver: str) -> bool:
+    """Whether ``solver`` is a registered adaptive (error-controlled) method; imports ``solvers``."""
+    from solvers import METHODS
+
+    return bool(METHODS.lookup(solver).adaptive)
+
+
+def _stored_adaptive(solver: Any) -> bool:
+    """``is_adaptive`` for a stored solver name; ``False`` for an unknown one (``ODESettings`` reports it)."""
+    try:
+        return isinstance(solver, str) and is_adaptive(solver)
+    except ValueError:
+        return False
+
+
 # --------------------------------------------------------------------------------------------------
 # The settings object
 # --------------------------------------------------------------------------------------------------
@@ -121,7 +149,8 @@ class ODESettings:
     ``"layer"`` (``f = Layer(h)``, the IM-BERT drawing). ``root``, ``grad``, ``tol``, ``max_iter``: the
     implicit solve (implicit solvers only; ``None`` = the solver's default). ``solver_options``: the
     method's other options, JSON-serialisable (e.g. ``rtol``/``atol`` of adaptive solvers, ``on_failure``
-    and ``root_options`` of implicit ones).
+    and ``root_options`` of implicit ones); an adaptive solver's unset ``rtol``/``atol`` are filled in from
+    ``ADAPTIVE_DEFAULTS``.
 
     Frozen: change a copy with ``dataclasses.replace(settings, step=0.25)`` (checked again). ``to_dict``
     is the stored form (``model.config.ode_bert``), ``from_dict`` reads it back.
@@ -163,6 +192,8 @@ class ODESettings:
                 f"solver options must be JSON-serialisable (saved with the model): {err}"
             ) from None
         self.make_method()  # checks the solver, its options and their values against the registry
+        if is_adaptive(self.solver):  # unset tolerances: the practical defaults, stored with the settings
+            object.__setattr__(self, "solver_options", {**ADAPTIVE_DEFAULTS, **self.solver_options})
 
     # --- the step method --------------------------------------------------------------------------
 
@@ -234,6 +265,8 @@ class ODESettings:
         """
         settings = check_stored_config(value, source)
         settings.pop("version")
+        if _stored_adaptive(settings["solver"]):  # saved before ADAPTIVE_DEFAULTS: what it computed with
+            settings["solver_options"] = {**LEGACY_ADAPTIVE_TOLERANCES, **settings["solver_options"]}
         try:
             return cls(**settings)
         except (ValueError, TypeError) as err:

@@ -7,8 +7,8 @@
   substitutions) per solver, and the linear-field check ``growth == |R(h*lambda)|``.
 * ``spectra``: matrix-free spectral norm, log norm and leading eigenvalues of layer Jacobians.
 * ``solves``: per-input iterations, residuals and convergence of a converted model's implicit solves.
-* ``cli``: the ``ode-bert analyze`` subcommand (``ode-bert`` finds it through the ``ode_bert.commands``
-  entry point, so ``ode_bert`` never imports this package).
+* ``cli``: the ``ode-bert analyze`` subcommand, and ``demo`` the ``ode-bert demo`` tour (``ode-bert``
+  finds both through the ``ode_bert.commands`` entry point, so ``ode_bert`` never imports this package).
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ _SOURCES = {
     "plot_growth": "perturbation",
     "plot_stability_region": "regions",
     "properties_table": "functions",
+    "region_overlay": "spectra",
+    "spectral_abscissa": "spectra",
     "spectral_norm": "spectra",
     "stability_function": "functions",
     "step_growth": "perturbation",
@@ -51,6 +53,8 @@ if TYPE_CHECKING:
         layer_spectra,
         leading_eigenvalues,
         log_norm,
+        region_overlay,
+        spectral_abscissa,
         spectral_norm,
     )
 
@@ -83,6 +87,8 @@ __all__ = [
     "plot_growth",
     "plot_stability_region",
     "properties_table",
+    "region_overlay",
+    "spectral_abscissa",
     "spectral_norm",
     "stability_function",
     "step_growth",

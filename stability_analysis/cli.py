@@ -52,8 +52,10 @@ def analyze_command(parser: argparse.ArgumentParser) -> Callable[[argparse.Names
     parser.add_argument("--field", default="residual", choices=["residual", "layer"],
                         help="vector field framing (default residual: euler step 1 is the stock model)")
     parser.add_argument("--spectra", action="store_true",
-                        help="also estimate layer-Jacobian spectra of the first sentence and plot h*lambda")
-    parser.add_argument("--spectra-k", type=int, default=4, help="leading eigenvalues per layer (default 4)")
+                        help="also estimate layer-Jacobian spectra of the first sentence and plot "
+                        "step*lambda of the rightmost eigenvalues on the stability regions")
+    parser.add_argument("--spectra-k", type=int, default=4,
+                        help="rightmost (largest real part) eigenvalues per layer (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--data-dir", help="data directory (default: $ODE_BERT_DATA_DIR or ../shared/data)")
     return run_analyze
@@ -62,6 +64,14 @@ def analyze_command(parser: argparse.ArgumentParser) -> Callable[[argparse.Names
 def _json_number(value: float) -> float | str:
     """JSON has no infinity: write it as the string "inf"."""
     return value if math.isfinite(value) else ("inf" if value > 0 else "-inf")
+
+
+OVERLAY_CAPTION = (
+    "points: step·λ = {step:g}·λ for the {k} rightmost eigenvalues (largest real part)\n"
+    "of each layer's field Jacobian at the first sentence; α = spectral abscissa max Re λ\n"
+    "(> 0: the linearised flow grows). The largest-magnitude eigenvalues, which bound\n"
+    "explicit steps, are not shown."
+)
 
 
 def run_analyze(args: argparse.Namespace) -> dict[str, Any]:
@@ -74,7 +84,7 @@ def run_analyze(args: argparse.Namespace) -> dict[str, Any]:
     from .functions import stability_function
     from .perturbation import PERTURBATIONS, advglue_pairs, perturbation_growth, plot_growth
     from .regions import plot_stability_region
-    from .spectra import layer_spectra
+    from .spectra import layer_spectra, region_overlay, spectral_abscissa
 
     solver_names = _names(args.solvers, solvers.available(), "solver(s)")
     kinds = _names(args.perturbation, PERTURBATIONS, "perturbation(s)")
@@ -113,15 +123,18 @@ def run_analyze(args: argparse.Namespace) -> dict[str, Any]:
     if args.spectra:
         encoded = tokenizer(texts[:1], truncation=True, max_length=args.max_length, return_tensors="pt")
         spectra = layer_spectra(model, encoded["input_ids"], encoded["attention_mask"], k=args.spectra_k,
-                                framing=args.field)
-        report["spectra"] = [s.to_dict() for s in spectra]
-        overlay = {f"layer {s.layer}": args.step * s.eigenvalues for s in spectra}
+                                framing=args.field, which="LR")
+        report["spectra"] = [{**s.to_dict(), "spectral_abscissa": spectral_abscissa(s)} for s in spectra]
+        overlay = region_overlay(spectra, args.step)
         for s in spectra:
             print(f"layer {s.layer}: ||J||_2 = {s.spectral_norm:.3f}, mu_2(J) = {s.log_norm:.3f}, "
-                  f"max |lambda| = {abs(s.eigenvalues[0]):.3f}")
+                  f"spectral abscissa max Re(lambda) = {spectral_abscissa(s):+.3f}")
     if with_tableau:
         figure = Figure(figsize=(7, 6))
         plot_stability_region(with_tableau, ax=figure.add_subplot(), overlay=overlay)
+        if overlay is not None:
+            figure.text(0.5, 0.0, OVERLAY_CAPTION.format(k=args.spectra_k, step=args.step), ha="center",
+                        va="top", fontsize="small")  # below the axes; bbox_inches="tight" keeps it
         figure.savefig(out / "regions.png", dpi=120, bbox_inches="tight")
     (out / "analysis.json").write_text(json.dumps(report, indent=2))
     print(f"wrote {out / 'analysis.json'} and plots to {out}")

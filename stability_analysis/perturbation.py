@@ -116,12 +116,18 @@ def linear_field_growth(
 
 @dataclass
 class GrowthCurve:
-    """Per-sequence ratios ``||h'_l - h_l|| / ||h'_0 - h_0||`` (shape ``batch x (layers + 1)``)."""
+    """Per-sequence ratios ``||h'_l - h_l|| / ||h'_0 - h_0||`` (shape ``batch x (layers + 1)``).
+
+    The ratios of a few sequences can differ by orders of magnitude, so the mean is carried by the largest;
+    ``median`` and ``quantile`` describe the typical sequence (the plot draws them, or every sequence).
+    """
 
     solver: str
     perturbation: str
     ratios: np.ndarray
-    max_residual: float | None = None  # implicit solvers: worst relative root residual of the last forward
+    # implicit solvers: worst relative root residual over every forward made for this curve (``forwards``)
+    max_residual: float | None = None
+    forwards: int = 0
 
     @property
     def mean(self) -> np.ndarray:
@@ -131,14 +137,24 @@ class GrowthCurve:
     def std(self) -> np.ndarray:
         return self.ratios.std(axis=0)
 
+    @property
+    def median(self) -> np.ndarray:
+        return np.median(self.ratios, axis=0)
+
+    def quantile(self, q: float) -> np.ndarray:
+        """The ``q`` quantile over sequences, per layer."""
+        return np.quantile(self.ratios, q, axis=0)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "solver": self.solver,
             "perturbation": self.perturbation,
             "mean": self.mean.tolist(),
             "std": self.std.tolist(),
+            "median": self.median.tolist(),
             "per_sequence": self.ratios.tolist(),
             "max_residual": self.max_residual,
+            "forwards": self.forwards,
         }
 
 
@@ -210,12 +226,32 @@ def _convert(model: nn.Module, solver: str, step: float, field: str, options: Ma
     return convert(copy.deepcopy(model), solver=solver, step=step, field=field, **dict(options))
 
 
-def _max_residual(model: nn.Module) -> float | None:
-    """Worst relative root residual over the converted layers in the last forward (``None``: explicit)."""
-    from ode_bert import solver_stats
+class ResidualTracker:
+    """The worst relative root residual over every forward of a converted model while attached.
 
-    residuals = [s.residual for s in solver_stats(model) if s.residual is not None]
-    return max(residuals) if residuals else None
+    ``solver_stats`` describes only the last forward; a growth curve takes several (clean and perturbed
+    inputs, and the attack's steps for ``"worst"``), and a solve that stopped short in any of them bears on
+    the curve. A forward hook reads ``solver_stats`` after each forward. ``max_residual`` is ``None`` when
+    no converted layer reported a residual (explicit solvers).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.max_residual: float | None = None
+        self.forwards = 0
+        self._handle = model.register_forward_hook(self._record)
+
+    def _record(self, module: nn.Module, args: Any, output: Any) -> None:
+        from ode_bert import solver_stats
+
+        self.forwards += 1
+        residuals = [s.residual for s in solver_stats(self.model) if s.residual is not None]
+        if residuals:
+            self.max_residual = max(residuals + [self.max_residual or 0.0])
+
+    def detach(self) -> None:
+        """Stop recording (remove the hook)."""
+        self._handle.remove()
 
 
 Text = str | tuple[str, str]
@@ -272,6 +308,7 @@ def perturbation_growth(
     curves: dict[str, GrowthCurve] = {}
     for name in solver_names:
         converted = _convert(model, name, step, field, convert_options.get(name, {})).eval()
+        tracker = ResidualTracker(converted)
         if perturbation == "advglue":
             with torch.no_grad():
                 reference = hidden_trajectory(converted, mask, input_ids=clean["input_ids"])
@@ -285,8 +322,9 @@ def perturbation_growth(
             with torch.no_grad():
                 reference = hidden_trajectory(converted, mask, inputs_embeds=embeds)
                 perturbed = hidden_trajectory(converted, mask, inputs_embeds=embeds + delta)
+        tracker.detach()
         ratios = layer_ratios(reference, perturbed, mask)
-        curves[name] = GrowthCurve(name, perturbation, ratios, _max_residual(converted))
+        curves[name] = GrowthCurve(name, perturbation, ratios, tracker.max_residual, tracker.forwards)
     return curves
 
 
@@ -359,27 +397,46 @@ def tokenized_advglue_pairs(
 # --------------------------------------------------------------------------------------------------
 
 
+# Up to this many sequences the plot draws each one; above it, the median and a quantile band.
+MAX_LINES = 12
+BAND = (0.1, 0.9)
+
+
 def plot_growth(curves: Mapping[str, GrowthCurve] | Sequence[GrowthCurve], ax: Axes | None = None,
-                log: bool = True) -> Axes:
-    """Mean growth vs depth, one curve per solver, with a band of +- one standard deviation."""
+                log: bool = True, max_lines: int = MAX_LINES) -> Axes:
+    """Growth vs depth per solver: the median over sequences (thick) with every sequence's curve (thin) when
+    there are at most ``max_lines`` sequences, else the 10-90% quantile band.
+
+    Not mean +- std: on a log axis the lower band would go negative (and be clipped), and one sequence can
+    carry the mean. The legend gives, for implicit solvers that stopped short of convergence, the worst root
+    residual over every forward the curve took.
+    """
     curves = list(curves.values()) if isinstance(curves, Mapping) else list(curves)
     if not curves:
         raise ValueError("give at least one growth curve")
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 4))
+    sequences = curves[0].ratios.shape[0]
     for curve in curves:
         layers = np.arange(curve.ratios.shape[1])
         label = curve.solver
         if curve.max_residual is not None and curve.max_residual > UNCONVERGED_RESIDUAL:
-            label += f" (root residual up to {curve.max_residual:.1g})"
-        (line,) = ax.plot(layers, curve.mean, marker="o", label=label)
-        lower = np.maximum(curve.mean - curve.std, 1e-12) if log else curve.mean - curve.std
-        ax.fill_between(layers, lower, curve.mean + curve.std, color=line.get_color(), alpha=0.2)
+            label += f" (root residual up to {curve.max_residual:.2g} over {curve.forwards} forwards)"
+        (line,) = ax.plot(layers, curve.median, marker="o", linewidth=2, label=label)
+        if curve.ratios.shape[0] <= max_lines:
+            for row in curve.ratios:
+                ax.plot(layers, row, color=line.get_color(), linewidth=0.7, alpha=0.45)
+        else:
+            ax.fill_between(layers, curve.quantile(BAND[0]), curve.quantile(BAND[1]), color=line.get_color(),
+                            alpha=0.2)
     if log:
         ax.set_yscale("log")
     ax.axhline(1.0, color="0.5", linewidth=0.6, linestyle="--")
     ax.set_xlabel("layer l")
     ax.set_ylabel("||h'_l - h_l|| / ||h'_0 - h_0||")
-    ax.set_title(f"perturbation growth ({curves[0].perturbation})")
-    ax.legend()
+    spread = ("thin: each sequence" if sequences <= max_lines
+              else f"band: {BAND[0]:.0%}-{BAND[1]:.0%} of sequences")
+    ax.set_title(f"perturbation growth ({curves[0].perturbation}, {sequences} sequences)\n"
+                 f"thick: median, {spread}", fontsize="medium")
+    ax.legend(fontsize="small")
     return ax

@@ -160,7 +160,8 @@ def leading_eigenvalues(operator: JacobianOperator, k: int = 6, which: str = "LM
         raise ValueError(f"k must be an integer in [1, {n - 2}] (state size {n} minus 2), got {k!r}")
     if which not in EIGENVALUE_ORDERS:
         raise ValueError(f"which must be one of {', '.join(EIGENVALUE_ORDERS)}, got {which!r}")
-    values = eigs(operator.linear_operator(), k=k, which=which, tol=_default_tol(operator.h.dtype),
+    start = np.random.default_rng(0).standard_normal(n)  # ARPACK's own start is random: results would vary
+    values = eigs(operator.linear_operator(), k=k, which=which, tol=_default_tol(operator.h.dtype), v0=start,
                   return_eigenvectors=False)
     key = -np.abs(values) if which == "LM" else -values.real
     return values[np.argsort(key, kind="stable")]
@@ -238,3 +239,27 @@ def layer_spectra(
             results.append(jacobian_spectrum(lambda x, f=field: f(0.0, x), h, k=k, layer=layer,
                                              sequence=index, norm_method=norm_method, which=which))
     return results
+
+
+def spectral_abscissa(spectrum: Spectrum) -> float:
+    """``max Re(lambda)`` of the Jacobian: the growth rate of the fastest-growing mode of the linearised flow.
+
+    Needs the rightmost eigenvalues (``which="LR"``): the largest-magnitude ones can all lie to the left of
+    it (a ``ValueError`` says so rather than returning a wrong abscissa).
+    """
+    if spectrum.which != "LR":
+        raise ValueError(
+            f"the spectral abscissa needs the rightmost eigenvalues (which='LR'); layer {spectrum.layer}'s "
+            f"spectrum holds which={spectrum.which!r} ({EIGENVALUE_ORDERS.get(spectrum.which, '?')})"
+        )
+    if spectrum.eigenvalues.size == 0:
+        raise ValueError(f"layer {spectrum.layer}'s spectrum has no eigenvalues (k=0)")
+    return float(spectrum.eigenvalues.real.max())
+
+
+def region_overlay(spectra: Sequence[Spectrum], step: float) -> dict[str, np.ndarray]:
+    """The points ``step * lambda`` per layer for ``plot_stability_region(overlay=...)``, labelled with the
+    layer and its spectral abscissa; the spectra must hold the rightmost eigenvalues (``which="LR"``)."""
+    return {
+        f"layer {s.layer} (α = {spectral_abscissa(s):+.2f})": step * s.eigenvalues for s in spectra
+    }

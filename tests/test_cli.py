@@ -11,7 +11,7 @@ import pytest
 
 from ode_bert.cli import build_parser, commands, main
 
-HEAVY = ("torch", "transformers", "solvers", "ode_bert.convert", "ode_bert.train")
+HEAVY = ("torch", "transformers", "scipy", "matplotlib", "solvers", "ode_bert.convert", "ode_bert.train")
 
 
 def test_every_documented_subcommand_is_registered() -> None:
@@ -52,27 +52,14 @@ def test_analyze_rejects_unknown_solver_with_choices(tmp_path, capsys: pytest.Ca
     assert "eulr" in err and "implicit_euler" in err
 
 
-@pytest.mark.parametrize(
-    ("settings", "named"),
-    [
-        ('{"train_sample": 64}', ["train_sample", "did you mean 'train_samples'"]),
-        ('{"lr": 1e-3', ["not valid JSON"]),
-        ("[1, 2]", ["expected a JSON object"]),
-    ],
-)
-def test_demo_settings_are_checked_before_any_work(
-    settings: str, named: list[str], capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("argv", [["--pairs", "1"], ["--seeds", "1"], ["--train", "5"]])
+def test_demo_sizes_are_checked_before_any_work(
+    argv: list[str], tmp_path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        build_parser().parse_args(["demo", "--settings", settings])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2
-    assert all(text in err for text in named), err
-
-
-def test_demo_settings_override_known_keys() -> None:
-    args = build_parser().parse_args(["demo", "--settings", '{"train_samples": 64, "lr": 0.001}'])
-    assert args.settings == {"train_samples": 64, "lr": 0.001}
+    """Checked before the model or the data load: nothing is written, no heavy module is imported."""
+    assert main(["demo", *argv, "--out", str(tmp_path / "demo")]) == 2
+    assert "must be >= 2" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
 
 
 def test_interrupt_says_how_to_resume(
@@ -103,6 +90,21 @@ def _modules_loaded_by(argv: list[str]) -> list[str]:
 def test_help_and_usage_errors_import_no_torch(argv: list[str]) -> None:
     """Issue 20: --help and argument errors answer before torch and transformers are imported."""
     assert _modules_loaded_by(argv) == []
+
+
+def test_every_subcommand_help_imports_no_torch() -> None:
+    """Issue 20: ``ode-bert COMMAND --help`` for every registered subcommand (``compare`` and ``demo`` read
+    the experiments package's variants and executor options) loads none of the heavy modules."""
+    code = (
+        "import sys, ode_bert.cli\n"
+        "for name in ode_bert.cli.commands():\n"
+        "    try:\n        ode_bert.cli.main([name, '--help'])\n    except SystemExit:\n        pass\n"
+        f"    print(name, sorted(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    loaded = dict(line.split(" ", 1) for line in done.stderr.strip().splitlines())
+    assert set(loaded) == set(commands()), done.stderr
+    assert all(modules == "[]" for modules in loaded.values()), loaded
 
 
 def test_package_import_is_lazy() -> None:

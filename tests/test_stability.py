@@ -384,3 +384,145 @@ def test_example_solves_match_each_input_solved_alone() -> None:
     stock, _ = load_model(None)
     with pytest.raises(ValueError, match="no implicit layer"):
         example_solves(stock, tokenizer, texts)
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 20: what the analyze plots show
+# ------------------------------------------------------------------------------------------------
+
+
+def test_region_overlay_holds_the_rightmost_eigenvalues_and_the_abscissa() -> None:
+    """A matrix whose largest-magnitude eigenvalues are far left and whose rightmost ones are small: the
+    overlay shows the rightmost (numpy.linalg.eigvals), and the abscissa is their largest real part."""
+    from stability_analysis.perturbation import block_matrix
+    from stability_analysis.spectra import jacobian_spectrum, region_overlay, spectral_abscissa
+
+    M, _ = block_matrix([-6.0, -5.0 + 2.0j, -4.5, 1.1, 0.4 + 0.3j, -0.2, -1.0 + 0.5j], seed=3)
+    h = torch.randn(1, M.shape[0], dtype=torch.float64)
+    spectrum = jacobian_spectrum(lambda x: x @ M.T, h, k=3, layer=2, which="LR")
+    reference = np.linalg.eigvals(M.numpy())
+    rightmost = reference[np.argsort(-reference.real)][:3]
+    np.testing.assert_allclose(np.sort_complex(spectrum.eigenvalues), np.sort_complex(rightmost), atol=1e-8)
+    assert spectral_abscissa(spectrum) == pytest.approx(reference.real.max(), abs=1e-8)  # 1.1
+    (label, points), = region_overlay([spectrum], step=0.5).items()
+    assert label == "layer 2 (α = +1.10)"
+    np.testing.assert_allclose(points, 0.5 * spectrum.eigenvalues)
+    largest = jacobian_spectrum(lambda x: x @ M.T, h, k=3, which="LM")
+    assert largest.eigenvalues.real.max() < 0  # what the old overlay drew: all left of the abscissa
+    with pytest.raises(ValueError, match="rightmost eigenvalues"):
+        spectral_abscissa(largest)
+
+
+@pytest.mark.filterwarnings("ignore::solvers.ConvergenceWarning")
+def test_residual_tracker_reports_the_worst_of_all_forwards(tiny_model: str) -> None:
+    """The harder input first, then an easier one: the curve's residual is the worst, not the last one's."""
+    from stability_analysis.perturbation import ResidualTracker
+
+    model = ode_bert.convert(BertModel.from_pretrained(tiny_model).eval(), "implicit_euler", root="picard",
+                             max_iter=3)
+
+    def worst_residual(ids: list[int]) -> float:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([ids]))
+        return max(s.residual for s in ode_bert.solver_stats(model))
+
+    inputs = [[2, 10, 11, 12, 3], [2, 30, 5, 41, 20, 7, 3]]
+    inputs.sort(key=worst_residual, reverse=True)
+    tracker = ResidualTracker(model)
+    seen = [worst_residual(ids) for ids in inputs]
+    tracker.detach()
+    worst_residual(inputs[0])  # after detach: not counted
+    assert seen[0] > seen[1]  # the last forward alone would under-report
+    assert tracker.max_residual == max(seen) and tracker.forwards == 2
+
+
+def test_growth_plot_draws_medians_and_each_sequence_or_a_quantile_band() -> None:
+    from stability_analysis.perturbation import GrowthCurve
+
+    rng = np.random.default_rng(0)
+    few = GrowthCurve("euler", "noise", np.exp(rng.normal(size=(4, 7)) * 3))
+    ax = plot_growth([few])
+    median, *sequences = ax.get_lines()[:5]
+    np.testing.assert_allclose(median.get_ydata(), np.median(few.ratios, axis=0))
+    np.testing.assert_allclose(np.array([line.get_ydata() for line in sequences]), few.ratios)
+    assert ax.get_yscale() == "log" and not ax.collections  # no band below zero to clip
+    plt.close(ax.figure)
+    many = GrowthCurve("implicit_euler", "advglue", np.exp(rng.normal(size=(40, 7))), max_residual=0.12,
+                       forwards=3)
+    ax = plot_growth([many])
+    (band,) = ax.collections
+    low, high = np.quantile(many.ratios, 0.1, axis=0), np.quantile(many.ratios, 0.9, axis=0)
+    vertices = band.get_paths()[0].vertices[:, 1]
+    assert vertices.min() == pytest.approx(low.min()) and vertices.max() == pytest.approx(high.max())
+    assert "root residual up to 0.12 over 3 forwards" in ax.get_legend().get_texts()[0].get_text()
+    plt.close(ax.figure)
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 20: the demo's computations
+# ------------------------------------------------------------------------------------------------
+
+
+def test_demo_amplification_is_the_stability_function() -> None:
+    from stability_analysis.demo import amplification
+
+    z = np.array([0.62, 0.25 + 0.06j, -1.5 + 0.4j, 0.85 - 0.03j])
+    factors = amplification(z)
+    np.testing.assert_allclose(factors["stock (Euler, step 1)"], stability_function("euler").abs(z))
+    np.testing.assert_allclose(factors["EX (Euler, step 0.5)"], stability_function("euler").abs(0.5 * z))
+    np.testing.assert_allclose(factors["IM (implicit Euler, step 0.5)"],
+                               stability_function("implicit_euler").abs(0.5 * z))
+
+
+def test_demo_head_is_the_penalised_logistic_regression_optimum() -> None:
+    """``fit_head`` (L-BFGS in torch) predicts as scipy's minimiser of the same objective does."""
+    from scipy.optimize import minimize
+
+    from stability_analysis.demo import fit_head
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(120, 5)) * [1, 3, 0.5, 2, 1] + 4
+    score = x @ [1.0, -0.5, 2.0, 0.3, 0.0] + rng.normal(scale=1.5, size=120)
+    y = (score > np.median(score)).astype(int)
+    predict = fit_head(torch.from_numpy(x), torch.from_numpy(y), weight_decay=1e-2)
+    mean, scale = x.mean(0), x.std(0, ddof=1)
+    xs = (x - mean) / scale
+
+    def objective(params: np.ndarray) -> float:
+        w, b = params[:10].reshape(5, 2), params[10:]
+        logits = xs @ w + b
+        logits = logits - logits.max(1, keepdims=True)
+        log_p = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+        return -log_p[np.arange(len(y)), y].mean() + 1e-2 * (w**2).sum()
+
+    best = minimize(objective, np.zeros(12), method="BFGS", options={"gtol": 1e-10}).x
+    test = rng.normal(size=(400, 5)) * [1, 3, 0.5, 2, 1] + 4
+    expected = (((test - mean) / scale) @ best[:10].reshape(5, 2) + best[10:]).argmax(1)
+    assert np.array_equal(predict(torch.from_numpy(test)).numpy(), expected)
+
+
+@pytest.mark.slow
+def test_demo_quick_writes_its_outputs(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``ode-bert demo --quick`` end to end (about a minute of CPU): the PNG, the summary and the numbers."""
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("[3/3 heads]") == 3 and "What this shows" in printed
+    assert (tmp_path / "demo.png").read_bytes().startswith(b"\x89PNG")
+    report = json.loads((tmp_path / "demo.json").read_text())
+    assert len(report["eigenvalues"]["spectral_abscissa"]) == 6
+    assert all(len(s["clean"]) == 3 for s in report["heads"]["scores"])
+    assert "| IM-BERT (implicit Euler, step 0.5) |" in (tmp_path / "demo.md").read_text()
+
+
+def test_demo_features_come_back_in_the_order_of_the_texts(tiny_model: str) -> None:
+    """Batches are sorted by length; each row must still be its own sentence's mean-pooled state."""
+    from transformers import AutoTokenizer
+
+    from stability_analysis.demo import sentence_features
+
+    model, tokenizer = BertModel.from_pretrained(tiny_model).eval(), AutoTokenizer.from_pretrained(tiny_model)
+    texts = ["a much longer sentence than the others", "ok", "short one", "mid length text", "x"]
+    features = sentence_features(model, tokenizer, texts, max_length=32, label="tiny", batch_size=2)
+    with torch.no_grad():
+        alone = [model(**tokenizer([t], return_tensors="pt")).last_hidden_state[0].mean(0) for t in texts]
+    np.testing.assert_allclose(features.numpy(), torch.stack(alone).double().numpy(), atol=1e-5)

@@ -10,52 +10,62 @@ paired differences over seeds in markdown tables and plots.
 ``compare(variants, seeds, task, ...)`` is the one-task form behind ``ode-bert compare``; ``ode-bert
 experiment`` (``bench/experiments/grid.py``) runs named plans and reports ``results.jsonl`` records.
 See docs/experiments.md.
+
+The names load on first use (PEP 562), so the command line's parsers (``ode-bert compare --help``) can
+read ``VARIANTS`` and the executor options without importing torch or transformers.
 """
 
-from .executors import (
-    EXECUTORS,
-    Executor,
-    InlineExecutor,
-    LocalExecutor,
-    Outcome,
-    RayExecutor,
-    make_executor,
-    train_and_evaluate,
-)
-from .plans import (
-    BASELINE,
-    COMMON,
-    NOT_TAKEN,
-    PLANS,
-    VARIANTS,
-    Group,
-    Run,
-    named_groups,
-    not_taken,
-    plan_defaults,
-    plan_runs,
-    variant_settings,
-)
-from .records import RESULTS_FILE, append_record, load_records, result_line
-from .report import (
-    format_markdown,
-    format_pairs,
-    format_report,
-    format_seeds,
-    format_tables,
-    plot_differences,
-    plot_scores,
-)
-from .reuse import check_reuse, reuse_problem
-from .runner import SUMMARY_FILE, TABLES_FILE, Experiment, RunsFailed, compare, ensure_run
-from .stats import METRICS, by_group, paired_difference, summarize, summarize_groups
+from __future__ import annotations
 
-__all__ = [
-    "BASELINE", "COMMON", "EXECUTORS", "METRICS", "NOT_TAKEN", "PLANS", "RESULTS_FILE", "SUMMARY_FILE",
-    "TABLES_FILE", "VARIANTS", "Executor", "Experiment", "Group", "InlineExecutor", "LocalExecutor",
-    "Outcome", "RayExecutor", "Run", "RunsFailed", "append_record", "by_group", "check_reuse", "compare",
-    "ensure_run", "format_markdown", "format_pairs", "format_report", "format_seeds", "format_tables",
-    "load_records", "make_executor", "named_groups", "not_taken", "paired_difference", "plan_defaults",
-    "plan_runs", "plot_differences", "plot_scores", "result_line", "reuse_problem", "summarize",
-    "summarize_groups", "train_and_evaluate", "variant_settings",
-]  # fmt: skip
+from .._lazy import lazy_exports
+
+# public name -> the submodule that defines it
+_EXPORTS: dict[str, str] = {
+    "EXECUTORS": "executors",
+    "Executor": "executors",
+    "InlineExecutor": "executors",
+    "LocalExecutor": "executors",
+    "Outcome": "executors",
+    "RayExecutor": "executors",
+    "make_executor": "executors",
+    "train_and_evaluate": "executors",
+    "BASELINE": "plans",
+    "COMMON": "plans",
+    "NOT_TAKEN": "plans",
+    "PLANS": "plans",
+    "VARIANTS": "plans",
+    "Group": "plans",
+    "Run": "plans",
+    "named_groups": "plans",
+    "not_taken": "plans",
+    "plan_defaults": "plans",
+    "plan_runs": "plans",
+    "variant_settings": "plans",
+    "RESULTS_FILE": "records",
+    "append_record": "records",
+    "load_records": "records",
+    "result_line": "records",
+    "format_markdown": "report",
+    "format_pairs": "report",
+    "format_report": "report",
+    "format_seeds": "report",
+    "format_tables": "report",
+    "plot_differences": "report",
+    "plot_scores": "report",
+    "check_reuse": "reuse",
+    "reuse_problem": "reuse",
+    "SUMMARY_FILE": "runner",
+    "TABLES_FILE": "runner",
+    "Experiment": "runner",
+    "RunsFailed": "runner",
+    "compare": "runner",
+    "ensure_run": "runner",
+    "METRICS": "stats",
+    "by_group": "stats",
+    "paired_difference": "stats",
+    "summarize": "stats",
+    "summarize_groups": "stats",
+}
+
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

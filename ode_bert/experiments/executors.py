@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..train import CONFIG_FILE
 from .plans import Run
 
 LOG_FILE = "log.txt"
@@ -46,7 +45,7 @@ class Outcome:
 def train_and_evaluate(settings: dict[str, Any], dev_samples: int | None) -> dict[str, Any]:
     """Train (or resume) and evaluate one run in this process; its metrics (what every executor runs)."""
     from ..evaluate import evaluate
-    from ..train import TrainConfig, train
+    from ..train import CONFIG_FILE, TrainConfig, train
 
     settings = {**settings, "resume": (Path(settings["output_dir"]) / CONFIG_FILE).is_file()}
     return evaluate(train(TrainConfig(**settings)), dev_samples=dev_samples)

@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..train import CONFIG_FILE, TrainConfig
+if TYPE_CHECKING:  # train imports torch: loaded when a run's config is built, not for --help
+    from ..train import TrainConfig
 
 BASELINE = "bert"
 # Fine-tuning settings of every run of a named plan: the ones the IM-connection was chosen with (RESULTS.md).
@@ -39,6 +40,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # their explicit control on the same layers
     "im-upper": {"variant": "im", "layers": "3-5", "max_iter": 10},
     "ex-upper": {"variant": "ex", "layers": "3-5"},
+    # the cheapest combination of issue 18's levers (BENCHMARKS.md section 5): one-step gradient, loose
+    # tolerance, converged rows skipped in evaluation; a candidate default until its accuracy is measured
+    "im-fast": {"variant": "im", "grad": "one_step", "tol": 1e-2, "solver_options": {"compact_rows": True}},
 }
 
 # Solver settings a base variant does not take: each run gets only the ones that apply to it, so one set of
@@ -86,6 +90,7 @@ PLANS: dict[str, list[Group]] = {
         Group("sst2", 500, ("im", "bert", "ex")),
         Group("sst2", 1000, ("im-layer", "ex-layer")),
         Group("sst2", 1000, ("im-upper", "ex-upper")),
+        Group("sst2", 1000, ("im-fast",)),
     ],
 }
 
@@ -116,6 +121,8 @@ class Run:
 
     def config(self) -> TrainConfig:
         """This run's ``TrainConfig``, checked (resumed if its folder has settings already)."""
+        from ..train import CONFIG_FILE, TrainConfig
+
         try:
             config = TrainConfig(**self.settings, resume=(self.run_dir / CONFIG_FILE).is_file())
         except TypeError as err:
