@@ -410,8 +410,9 @@ def _figure(path: Path, eigenvalues: list[Any], curves: dict[str, Any], scores: 
     for text in axes[1].get_legend().get_texts():
         text.set_fontsize("x-small")
     pairs = next(iter(curves.values())).ratios.shape[0]
-    axes[1].set_title(f"2. growth of a real AdvGLUE substitution\n(thick: median of {pairs} pairs, thin: "
-                      "each pair)", fontsize="medium")
+    spread = axes[1].get_title().splitlines()[-1]  # plot_growth's: lines per pair, or a quantile band
+    axes[1].set_title(f"2. growth of a real AdvGLUE substitution ({pairs} pairs)\n{spread}",
+                      fontsize="medium")
     ax = axes[2]
     positions = np.arange(len(scores))
     bars = (("clean", "clean dev", "C0"), ("advglue", "AdvGLUE sst2", "C3"))
