@@ -152,15 +152,33 @@ def _eval_command(parser: argparse.ArgumentParser) -> Handler:
         "--dev-samples", type=int, help="evaluate on a fixed subset of this many clean dev examples"
     )
     parser.add_argument("--batch-size", type=int, default=64, help="inference batch size (default 64)")
+    parser.add_argument(
+        "--solver", type=_json_object, metavar="JSON",
+        help="evaluate with these solver settings instead of the trained ones, e.g. '{\"tol\": 1e-4}' "
+        "(writes RUN_DIR/evals/<settings>/metrics.json; the run's own metrics.json is left as it is)",
+    )
     _add_data_dir(parser)
 
     def run(args: argparse.Namespace) -> None:
         from .evaluate import evaluate, format_metrics
 
-        metrics = evaluate(args.run_dir, args.data_dir, args.dev_samples, args.batch_size)
+        metrics = evaluate(args.run_dir, args.data_dir, args.dev_samples, args.batch_size, args.solver)
         print(format_metrics(metrics))
 
     return run
+
+
+def _json_object(text: str) -> dict[str, object]:
+    """A JSON object from the command line (argparse reports the error with the option's name)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({err}): {text!r}") from None
+    if not isinstance(value, dict) or not value:
+        raise argparse.ArgumentTypeError(
+            f"expected a non-empty JSON object such as '{{\"tol\": 1e-4}}', got {text!r}"
+        )
+    return value
 
 
 class _CommaList(argparse.Action):

@@ -8,9 +8,10 @@ Scores are fractions in [0, 1].
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,12 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from .convert import LayerStats, solver_stats
+from .convert import LayerStats, convert, solver_stats
 from .data import Example, load_advglue, load_clean_dev, stratified_subset
 from .encoding import Collator, EncodedDataset
 from .io import write_json_atomic
 from .pretrained import from_pretrained
+from .settings import CONFIG_KEY, SETTING_NAMES, ODESettings
 from .train import (
     CONFIG_FILE,
     MODEL_DIR,
@@ -37,6 +39,7 @@ from .train import (
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.json"
 DEV_SUBSET_SEED = 0  # the clean-dev subset is the same for every run, so runs stay comparable
+EVALS_DIR = "evals"  # RUN_DIR/evals/<changes>/: evaluations with other solver settings than the trained ones
 
 
 def split_metrics(split: str, labels: Sequence[int], predictions: Sequence[int]) -> dict[str, float]:
@@ -146,11 +149,40 @@ def _score(
     return {"splits": splits, **official_scores(splits), "solver": summarize_solver(log)}, predictions
 
 
+def evaluation_settings(run_dir: str | Path, changes: Mapping[str, Any]) -> ODESettings:
+    """The ODE settings a run was trained with, ``changes`` applied (settings such as ``tol``, ``max_iter``,
+    ``root``, ``solver``; other keys are solver options such as ``compact_rows``); checked, so bad changes
+    fail before any work. A run without ODE layers (``bert``) is a ``ValueError``."""
+    config_json = Path(run_dir) / MODEL_DIR / "config.json"
+    try:
+        stored = json.loads(config_json.read_text()).get(CONFIG_KEY)
+    except (OSError, json.JSONDecodeError) as err:
+        raise RunDirError(f"{config_json} cannot be read ({err})") from err
+    if stored is None:
+        raise ValueError(
+            f"{run_dir} is a stock model (no {CONFIG_KEY!r} settings in {config_json}): there are no solver "
+            "settings to change; evaluate it without solver changes"
+        )
+    if not isinstance(changes, Mapping) or not changes:
+        raise ValueError(f"solver changes must be a non-empty mapping of settings, got {changes!r}")
+    trained = ODESettings.from_dict(stored, str(config_json))
+    fields = {k: v for k, v in changes.items() if k in SETTING_NAMES and k != "solver_options"}
+    options = {k: v for k, v in changes.items() if k not in SETTING_NAMES}
+    options = {**trained.solver_options, **changes.get("solver_options", {}), **options}
+    return dataclasses.replace(trained, **fields, solver_options=options)
+
+
+def changes_label(changes: Mapping[str, Any]) -> str:
+    """The folder name of an evaluation with solver ``changes``: ``key=value`` pairs sorted by key."""
+    return ",".join(f"{k}={json.dumps(changes[k], sort_keys=True).replace(' ', '')}" for k in sorted(changes))
+
+
 def evaluate(
     run_dir: str | Path,
     data_dir: str | Path | None = None,
     dev_samples: int | None = None,
     batch_size: int = 64,
+    solver_changes: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Clean dev and AdvGLUE scores of the model in ``run_dir``; writes metrics.json and predictions.json.
 
@@ -159,6 +191,11 @@ def evaluate(
 
     ``dev_samples`` evaluates a fixed stratified subset of each clean dev split (for quick checks);
     AdvGLUE is always scored in full. ``data_dir`` defaults to the one the run was trained with.
+
+    ``solver_changes`` evaluates the trained weights with other solver settings (``{"tol": 1e-4}``: a tighter
+    solve than in training; ``{"solver": "euler"}``: the explicit step), for what evaluation needs apart
+    from training; the files then go to ``RUN_DIR/evals/<changes>/`` (``changes_label``), and the
+    run's own metrics.json stays that of its trained settings.
     """
     run_dir = Path(run_dir)
     config_path = run_dir / CONFIG_FILE
@@ -166,6 +203,7 @@ def evaluate(
         raise FileNotFoundError(
             f"{run_dir} is not a finished training run (expected {CONFIG_FILE} and {MODEL_DIR}/)"
         )
+    settings = evaluation_settings(run_dir, solver_changes) if solver_changes is not None else None
     for name, value in (("dev_samples", dev_samples), ("batch_size", batch_size)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -189,6 +227,8 @@ def evaluate(
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = _load_run_model(run_dir / MODEL_DIR)
+    if settings is not None:
+        convert(model, settings)
     model = model.to(device)
     max_length = config["max_length"]
     clean_metrics, clean_predictions = _score(model, tokenizer, clean, max_length, batch_size, "clean")
@@ -213,8 +253,13 @@ def evaluate(
     predictions = {"clean": clean_predictions, "advglue": adv_predictions}
     if heldout:
         metrics["heldout"], predictions["heldout"] = heldout_metrics, heldout_predictions
-    write_json_atomic(run_dir / PREDICTIONS_FILE, predictions)
-    write_json_atomic(run_dir / METRICS_FILE, metrics)
+    out_dir = run_dir
+    if settings is not None:
+        metrics["solver_changes"], metrics["solver_settings"] = dict(solver_changes), settings.to_dict()
+        out_dir = run_dir / EVALS_DIR / changes_label(solver_changes)
+        out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / PREDICTIONS_FILE, predictions)
+    write_json_atomic(out_dir / METRICS_FILE, metrics)
     return metrics
 
 

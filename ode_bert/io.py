@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader never sees a half-written file, and a failed write keeps the old one."""
+"""Atomic file writes (a reader never sees a half-written file, and a failed write keeps the old one) and
+folder locks (two processes never write into one folder at once)."""
 
 from __future__ import annotations
 
@@ -34,3 +35,41 @@ def write_json_atomic(path: Path, value: Any) -> None:
     with atomic_open(path) as f:
         json.dump(value, f, indent=2)
         f.write("\n")
+
+
+LOCK_FILE = ".lock"
+
+
+class FolderBusyError(RuntimeError):
+    """Another process holds the lock of a folder this one was about to write into."""
+
+
+@contextlib.contextmanager
+def exclusive(folder: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (``folder/.lock``, created with the folder) for the block.
+
+    A second process asking for the same folder fails at once with ``FolderBusyError`` naming ``what`` it
+    wanted to do, instead of interleaving its appends with the first one's. The operating system releases
+    the lock when the holder ends, however it ends (``flock``), so a killed process leaves no stale lock.
+    """
+    import fcntl  # POSIX; ode-bert runs on Linux and macOS
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_FILE, "a+", encoding="utf-8") as lock:
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            raise FolderBusyError(
+                f"{folder} is in use by another process (PID {holder}): {what} cannot run there at the same "
+                "time. Wait for that process to finish (or stop it), then run the same command again"
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)

@@ -33,7 +33,7 @@ from ode_bert.attack.text import WordNet, char_transformations, deepwordbug, lev
 from ode_bert.evaluate import predict
 from ode_bert.experiments.report import format_attack_report
 from ode_bert.experiments.stats import bootstrap_over_examples_and_seeds, mcnemar
-from ode_bert.io import write_json_atomic
+from ode_bert.io import FolderBusyError, exclusive, write_json_atomic
 from ode_bert.train import TrainConfig, apply_variant
 
 DATA_DIR = Path(os.environ.get(data.DATA_DIR_ENV) or Path(__file__).resolve().parents[1] / "../shared/data")
@@ -257,6 +257,11 @@ def test_pgd_run_folder_radius_zero_monotone_transfer_unroll_and_resume(
     assert len(read_records(records_path)) == 6
     with open(records_path, "a") as f:
         f.write('{"index": 99, "torn')  # a write cut short by the interruption
+    torn = records_path.read_text()
+    busy = pytest.raises(FolderBusyError, match=f"PID {os.getpid()}")
+    with exclusive(records_path.parent, "a first attack"), busy:  # another process attacking the same folder
+        attack_run(interrupted, ex_config, progress=False)
+    assert records_path.read_text() == torn  # refused before any write
     resumed = attack_run(interrupted, ex_config, progress=False)
     assert read_records(records_path) == records
     assert resumed["robust_accuracy"] == uninterrupted["robust_accuracy"]

@@ -126,6 +126,18 @@ def test_train_and_evaluate_end_to_end(tiny_model: str, tmp_path: Path) -> None:
     advglue = json.loads((DATA_DIR / "advglue" / "dev.json").read_text())["qqp"]
     assert predictions["advglue"]["qqp"]["labels"] == [item["label"] for item in advglue]
 
+    # Evaluated with a tighter solve than in training: the files go to evals/, the run's own stay, and the
+    # solves meet the tighter tolerance at more iterations than the trained 1e-2 needed.
+    tight = evaluate(run_dir, dev_samples=40, solver_changes={"tol": 1e-6, "max_iter": 40})
+    assert json.loads((run_dir / "metrics.json").read_text()) == metrics
+    assert json.loads((run_dir / "evals" / "max_iter=40,tol=1e-06" / "metrics.json").read_text()) == tight
+    assert tight["solver_settings"]["tol"] == 1e-6 and tight["solver_changes"] == {"tol": 1e-6, "max_iter": 40}
+    assert tight["advglue"]["solver"]["max_rel_residual"] <= 1e-6 < solver["max_rel_residual"]
+    assert tight["advglue"]["solver"]["mean_iterations"] > solver["mean_iterations"]
+    for bad, named in (({"tol": "x"}, "tol"), ({"rootz": "anderson"}, "rootz"), ({}, "non-empty")):
+        with pytest.raises((ValueError, TypeError), match=named):
+            evaluate(run_dir, dev_samples=40, solver_changes=bad)
+
     # The saved model reloads as the same IM-model and reproduces the saved predictions.
     model = ode_bert.from_pretrained(run_dir / "model", AutoModelForSequenceClassification)
     assert ode_bert.ode_config(model)["solver"] == "implicit_euler"

@@ -34,7 +34,7 @@ from solvers import ConvergenceWarning
 
 from ..data import Example, get_task, load_clean_dev
 from ..evaluate import DEV_SUBSET_SEED, _load_run_model
-from ..io import atomic_open, write_json_atomic
+from ..io import atomic_open, exclusive, write_json_atomic
 from ..train import CONFIG_FILE, MODEL_DIR, RunDirError, SolveTally, TrainConfig, read_train_config
 from . import RECIPES
 from .embedding import (
@@ -273,8 +273,22 @@ def attack_run(
             f"{run_dir} is not a finished training run (expected {CONFIG_FILE} and {MODEL_DIR}/)"
         )
     train = read_train_config(run_dir)
-    data_dir = data_dir if data_dir is not None else train.get("data_dir")
     out = attack_dir(run_dir, train["task"], config)
+    with exclusive(out, f"attack {config.recipe!r} of {run_dir}"):
+        return _attack_locked(run_dir, config, train, out, data_dir, stop_after, progress)
+
+
+def _attack_locked(
+    run_dir: Path,
+    config: AttackConfig,
+    train: dict[str, Any],
+    out: Path,
+    data_dir: str | None,
+    stop_after: int | None,
+    progress: bool,
+) -> dict[str, Any]:
+    """``attack_run`` once it holds the attack folder's lock."""
+    data_dir = data_dir if data_dir is not None else train.get("data_dir")
     examples = _examples(config, train, data_dir)
     twin = None
     synonyms = WordNet(config.wordnet) if config.recipe == "pwws" else None
