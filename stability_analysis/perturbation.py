@@ -13,9 +13,11 @@ per-step growth along an eigenvector must equal ``|R(dt * lambda)|``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -326,6 +328,140 @@ def perturbation_growth(
         ratios = layer_ratios(reference, perturbed, mask)
         curves[name] = GrowthCurve(name, perturbation, ratios, tracker.max_residual, tracker.forwards)
     return curves
+
+
+# --------------------------------------------------------------------------------------------------
+# A fine-tuned model as it is: worst-direction growth from the initial value h_0 to the last layer
+# --------------------------------------------------------------------------------------------------
+
+
+# A relative difference above this between the measured forward (``unroll``, math attention) and the
+# model's own evaluation means the measurement differentiates another map than the one evaluated: warned.
+FORWARD_MISMATCH = 1e-4
+
+
+@dataclass
+class InitialValueGrowth:
+    """Per sequence: the worst-direction growth ``max ||dh_L|| / ||dh_0||`` of an infinitesimal perturbation
+    ``dh_0`` of the first encoder layer's input (the largest singular value of ``J = dh_L / dh_0`` over the
+    real tokens), the norms of ``h_0`` and ``h_L`` over the real tokens, and whether the power iteration met
+    its tolerance; for the batch, the iterations, the worst relative root residual of the implicit solves
+    (``None``: explicit or stock) and the largest relative difference between the measured forward and the
+    model's own evaluation (``forward_mismatch``)."""
+
+    growth: np.ndarray
+    h0_norm: np.ndarray
+    hL_norm: np.ndarray
+    converged: np.ndarray
+    iterations: int
+    max_residual: float | None
+    forward_mismatch: float
+
+    @property
+    def relative_growth(self) -> np.ndarray:
+        """``(||dh_L|| / ||h_L||) / (||dh_0|| / ||h_0||)``: growth relative to the states."""
+        return self.growth * self.h0_norm / self.hL_norm
+
+
+def _sequence_norms(x: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(x.flatten(start_dim=1), dim=1)
+
+
+def initial_value_growth(
+    model: nn.Module,
+    inputs: Mapping[str, Tensor],
+    tol: float = 1e-3,
+    max_iterations: int = 100,
+    seed: int = 0,
+) -> InitialValueGrowth:
+    """Worst-direction growth from ``h_0`` (the hidden state the first encoder layer receives, where
+    ``ode_bert.attack``'s PGD perturbs) to the last layer's output, per sequence of ``inputs``.
+
+    Unlike ``perturbation_growth``, which converts deep copies by solver name, this measures ``model``
+    itself, e.g. a fine-tuned run loaded with ``ode_bert.from_pretrained``: its own connection and solver
+    settings. Two things are set for the measurement only and restored: implicit layers backpropagate with
+    ``grad="unroll"`` (the derivative of the map the model computes, root-finder iterations included;
+    ``one_step`` approximates it and ``implicit`` takes it at the exact fixed point), and attention runs on
+    PyTorch's math kernel (the fused CPU kernel has no second derivative). The measured forward is compared
+    with the model's own evaluation (``forward_mismatch``; warned above ``FORWARD_MISMATCH``).
+
+    Power iteration on ``J^T J``, batched (``J`` is block diagonal over sequences): ``J v`` by the
+    double-backward trick (``J^T u`` is linear in ``u``; its derivative in ``u`` along ``v`` is ``J v``),
+    ``J^T (J v)`` by one backward, from a random start drawn from ``seed``; it stops when every sequence's
+    estimate ``||J v||`` (``||v|| = 1``) changed by at most ``tol`` relative in one iteration, or after
+    ``max_iterations`` (``converged`` says which met the tolerance).
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from ode_bert.attack.embedding import InitialValueHook, gradient_mode, is_implicit
+
+    if not tol > 0:
+        raise ValueError(f"tol must be > 0, got {tol!r}")
+    if isinstance(max_iterations, bool) or not isinstance(max_iterations, int) or max_iterations < 1:
+        raise ValueError(f"max_iterations must be a positive integer, got {max_iterations!r}")
+    hook = InitialValueHook(model)
+
+    def last_hidden(delta: Tensor | None) -> Tensor:
+        with hook:
+            hook.delta = delta
+            return model(**inputs, output_hidden_states=True).hidden_states[-1]
+
+    tracker = ResidualTracker(model)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", solvers.ConvergenceWarning)  # reported as max_residual instead
+            with torch.no_grad():
+                evaluated = last_hidden(None)
+            assert hook.h0 is not None, "the first encoder layer did not run"
+            h0 = hook.h0.detach()
+            real = inputs["attention_mask"][:, :, None].to(h0.dtype)
+            exact = gradient_mode(model, "unroll") if is_implicit(model) else contextlib.nullcontext()
+            with exact, sdpa_kernel(SDPBackend.MATH), torch.enable_grad():
+                delta = torch.zeros_like(h0, requires_grad=True)
+                last = last_hidden(delta) * real
+                reference = evaluated * real
+                mismatch = _sequence_norms(last.detach() - reference) / _sequence_norms(reference)
+                generator = torch.Generator().manual_seed(seed)
+                v = torch.randn(h0.shape, generator=generator, dtype=torch.float64).to(h0) * real
+                v = v / _sequence_norms(v)[:, None, None]
+                previous = None
+                iterations = 0
+                while iterations < max_iterations:
+                    iterations += 1
+                    u = torch.zeros_like(last, requires_grad=True)
+                    (transposed,) = torch.autograd.grad(last, delta, u, create_graph=True)
+                    (jv,) = torch.autograd.grad(transposed, u, v)
+                    sigma = _sequence_norms(jv).detach()
+                    (back,) = torch.autograd.grad(last, delta, jv, retain_graph=True)
+                    back = back * real
+                    v = back / _sequence_norms(back).clamp_min(1e-30)[:, None, None]
+                    converged = (
+                        torch.zeros_like(sigma, dtype=torch.bool)
+                        if previous is None
+                        else (sigma - previous).abs() <= tol * sigma
+                    )
+                    if bool(converged.all()):
+                        break
+                    previous = sigma
+    finally:
+        tracker.detach()
+    worst = float(mismatch.max())
+    if worst > FORWARD_MISMATCH:
+        warnings.warn(
+            f"the measured forward differs from the model's own evaluation by up to {worst:.2g} relative "
+            f"(> {FORWARD_MISMATCH:g}; e.g. an implicit solve stopping after another iteration count): the "
+            "growth is that of a slightly different map",
+            stacklevel=2,
+        )
+    return InitialValueGrowth(
+        growth=sigma.double().cpu().numpy(),
+        h0_norm=_sequence_norms(h0 * real).double().cpu().numpy(),
+        hL_norm=_sequence_norms(evaluated * real).double().cpu().numpy(),
+        converged=converged.cpu().numpy(),
+        iterations=iterations,
+        max_residual=tracker.max_residual,
+        forward_mismatch=worst,
+    )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -151,6 +151,34 @@ def test_pgd_on_a_linear_classifier_reaches_the_analytic_minimal_perturbation(no
     )  # no perturbation below the minimum flips a linear model
 
 
+def test_flips_seen_in_the_sources_own_logits_count_only_when_the_target_flips() -> None:
+    """A source whose logits sit below the target's margin (as ``g(z*)`` of a loose ``one_step`` solve may):
+    PGD still finds the target's analytic minimal radius, and every flip it records is one of the target."""
+    target, h0, mask, labels, minimal = _linear_setup("l2")
+    offset = 0.3 * margin(target.logits(None), labels).abs().min()
+
+    def optimistic(delta: torch.Tensor | None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        logits = target.logits(delta, rows)
+        shift = torch.nn.functional.one_hot(labels if rows is None else labels[rows], 2).double()
+        return logits - offset * shift  # the true class's logit lowered: flips "seen" too early
+
+    source = GradientSource("white-box", optimistic, True)
+    scale = reference_scale(h0, mask, "l2")
+    eps = 1.5 * minimal
+    result = pgd(target.logits, source, h0.shape, mask, labels, eps, "l2", 10, dtype=torch.float64)
+    assert bool(result.flipped.all())
+    assert bool((margin(target.logits(result.delta), labels) < 0).all())  # flips of the target itself
+
+    def attack(radii: torch.Tensor, active: torch.Tensor, salt: int) -> list[str | None]:
+        return combined_attack(target.logits, [source], h0.shape, mask, labels, radii * scale, "l2", 10, (),
+                               active, torch.float64)[1]  # fmt: skip
+
+    relative = minimal / scale
+    search = radius_search(attack, [0.0, float(relative.max()) * 2], torch.ones(4, dtype=torch.bool), 14)
+    found = torch.tensor(search.high, dtype=torch.float64)
+    assert found.numpy() == pytest.approx(relative.numpy(), rel=2e-3)  # the target's, not the source's
+
+
 def test_a_model_with_masked_gradients_does_not_score_well_under_the_combined_attack(tiny_model: str) -> None:
     """A model whose gradient in the first hidden state is cut (detached before its second layer) resists
     white-box PGD; transferring from its twin with honest gradients (the same weights) flips what the twin's

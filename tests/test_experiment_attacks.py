@@ -1,0 +1,127 @@
+"""``ode-bert experiment --report`` with attacks: the attack columns of the runs the records name, read from
+run folders written by the attack runner's own functions (no model, no attack run)."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+from scipy import stats
+
+from ode_bert import cli
+from ode_bert.attack.runner import AttackConfig, summarize_records
+from ode_bert.experiments.records import append_record
+from ode_bert.io import atomic_open, write_json_atomic
+from ode_bert.train import TrainConfig
+
+GROUP = "sst2-n8"
+PGD = AttackConfig(recipe="pgd-l2", radii=[0.01, 0.05], limit=4, batch_size=4)
+
+
+def _record(variant: str, seed: int) -> dict[str, object]:
+    """A run record as ``records.result_line`` writes it (the scores do not matter here)."""
+    scores = {"overall": 0.8, "tasks": {}, "solver": None, "splits": {}, "constant": 0.5}
+    return {"group": GROUP, "task": "sst2", "variant": variant, "settings": {"variant": variant},
+            "seed": seed, "train_samples": 8, "seconds": 10.0, "clean": scores, "advglue": scores}
+
+
+def _attacked(out: Path, variant: str, seed: int, robust: list[int] | None, finished: bool = True,
+              indices: tuple[int, ...] = (0, 1, 2, 3), config: AttackConfig = PGD) -> Path:  # fmt: skip
+    """A run folder ``out/<group>/<variant>-seed<seed>`` with a PGD attack's files as the runner writes them:
+    per example, ``robust`` gives the largest radius index it resists (-1: flipped at the first radius, -2:
+    wrong when clean); ``None``: no attack."""
+    run_dir = out / GROUP / f"{variant}-seed{seed}"
+    write_json_atomic(
+        run_dir / "train_config.json", TrainConfig(task="sst2", variant=variant, seed=seed).to_json()
+    )
+    append_record(out, _record(variant, seed))
+    if robust is None:
+        return run_dir
+    records = []
+    for k, (index, last) in enumerate(zip(indices, robust, strict=True)):
+        flipped = [None if i <= last else "white-box" for i in range(len(config.radii))]
+        records.append({"index": index, "label": 1, "clean_correct": last > -2, "flipped_by": flipped,
+                        "min_radius": 0.03, "chunk_size": 4, "last_in_chunk": k == 3})  # fmt: skip
+    folder = run_dir / "attacks" / "sst2-pgd-l2"
+    write_json_atomic(folder / "config.json", {**config.to_json(), "split": "sst2", "n": 4})
+    with atomic_open(folder / "records.jsonl") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    if finished:
+        write_json_atomic(folder / "summary.json", summarize_records(records, config))
+    return run_dir
+
+
+def _t_interval(diffs: list[float]) -> str:
+    mean = statistics.fmean(diffs)
+    half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}]"
+
+
+def test_experiment_report_adds_attack_columns_and_refuses_unpaired_attacks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Robust accuracy per radius (mean ± std over seeds) with the paired difference to BERT and between
+    the pair by seed (t intervals by hand); unfinished and missing attacks are named; a run attacked on other
+    examples or radii than its group is refused, naming it."""
+    out = tmp_path / "grid"
+    _attacked(out, "bert", 1, [1, 0, -1, -2])  # robust@0.01: 2 of 4, robust@0.05: 1 of 4
+    _attacked(out, "bert", 2, [1, 1, -1, -2])  # 2, 2
+    _attacked(out, "im", 1, [1, 1, 1, -2])  # 3, 3
+    _attacked(out, "im", 2, [1, 1, 0, 1])  # 4, 3
+    _attacked(out, "ex", 1, [1, 0, 0, -2])  # 3, 1
+    _attacked(out, "ex", 2, [1, 1, 1, 1], finished=False)
+    _attacked(out, "im", 3, None)
+    results = str(out / "results.jsonl")
+    assert cli.main(["experiment", "--report", results, "--pairs", "im:ex"]) == 0
+    report = capsys.readouterr().out
+    assert "## Attack pgd-l2 on sst2" in report and "### sst2-n8: pgd-l2, 4 examples (scores in %)" in report
+    im_01, bert_01 = [75.0, 100.0], [50.0, 50.0]
+    im_05, bert_05 = [75.0, 75.0], [25.0, 50.0]
+    assert (
+        f"| im | 2 | 87.50 ± 17.68 | {_t_interval([75.0 - 75.0, 100.0 - 75.0])} | "
+        f"{statistics.fmean(im_01):.2f} ± {statistics.stdev(im_01):.2f} | "
+        f"{_t_interval([a - b for a, b in zip(im_01, bert_01)])} | "
+        f"75.00 ± 0.00 | {_t_interval([a - b for a, b in zip(im_05, bert_05)])} |"
+    ) in report
+    assert "| ex | 1 | 75.00 | +0.00 | 75.00 | +25.00 | 25.00 | +0.00 |" in report  # one seed: no interval
+    assert "im − ex, 1 shared seed(s)" in report and "| robust@0.05 | +50.00 |" in report
+    assert "Left out, unfinished (no summary.json yet): sst2-n8/ex-seed2" in report
+    assert "Left out, not attacked: sst2-n8/im-seed3" in report
+
+    _attacked(out, "ex", 2, [1, 1, 1, 1], indices=(0, 1, 2, 5))
+    assert cli.main(["experiment", "--report", results]) == 2
+    error = capsys.readouterr()
+    assert (
+        not error.out
+        and "ex-seed2: attacked other examples than the other runs of group sst2-n8" in error.err
+    )
+    other_radii = AttackConfig(recipe="pgd-l2", radii=[0.01, 0.1], limit=4, batch_size=4)
+    _attacked(out, "ex", 2, [1, 1, 1, 1], config=other_radii)
+    assert cli.main(["experiment", "--report", results]) == 2
+    error = capsys.readouterr().err
+    assert "ex-seed2: attacked with other settings than" in error and "(differing: ['radii'])" in error
+
+
+def test_attacks_of_implicit_models_with_unconfirmed_white_box_flips_are_flagged(tmp_path: Path) -> None:
+    """Summaries from before flips were confirmed on the evaluated model: the examples counted as not robust
+    only through white-box flips bound how far robust accuracy may be understated, counted by hand."""
+    from ode_bert.experiments.report import unconfirmed_flips
+
+    run_dir = _attacked(tmp_path, "im", 1, [1, 0, -1, -2])
+    folder = run_dir / "attacks" / "sst2-pgd-l2"
+    records = [json.loads(line) for line in (folder / "records.jsonl").read_text().splitlines()]
+    records[2]["flipped_by"] = ["unroll", "white-box"]  # flipped by another source first: not in doubt
+    with atomic_open(folder / "records.jsonl") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    summary = summarize_records(records, PGD)
+    assert summary["flips_confirmed_on_target"] is True
+    assert unconfirmed_flips(run_dir, "sst2", "pgd-l2") is None  # attacked with confirmation
+    old = {k: v for k, v in summary.items() if k != "flips_confirmed_on_target"}
+    write_json_atomic(folder / "summary.json", {**old, "sources": ["white-box", "transfer"]})
+    assert unconfirmed_flips(run_dir, "sst2", "pgd-l2") is None  # no unroll source: no implicit layers
+    write_json_atomic(folder / "summary.json", {**old, "sources": ["white-box", "unroll", "transfer"]})
+    # example 1 flips by white-box at 0.05 only; example 2 is flipped by unroll first; example 3 is wrong
+    assert unconfirmed_flips(run_dir, "sst2", "pgd-l2") == [0, 1]
