@@ -288,6 +288,9 @@ def _attack_command(parser: argparse.ArgumentParser) -> Handler:
     parser.add_argument("--pairs", nargs="*", default=["im:ex"],
                         help="variant pairs A:B compared by example after several runs (default im:ex)")
     parser.add_argument("--baseline", default="bert", help="variant the others are paired with")
+    parser.add_argument("--report-only", action="store_true",
+                        help="attack nothing: the paired report of the attacks in the folders, unfinished "
+                        "ones included, on the examples every run has completed (an interim report)")
     _add_data_dir(parser)
 
     def run(args: argparse.Namespace) -> None:
@@ -308,13 +311,14 @@ def _attack_command(parser: argparse.ArgumentParser) -> Handler:
                       or not (Path(d) / "train_config.json").is_file()]  # fmt: skip
         if unfinished:  # before any attack starts
             raise FileNotFoundError(f"not finished training runs (train_config.json, model/): {unfinished}")
-        for run_dir in args.run_dirs:
+        for run_dir in [] if args.report_only else args.run_dirs:
             summary = attack_run(run_dir, config, args.data_dir)
             hidden = ("settings", "solver_this_call", "min_radius_note")
             shown = {k: v for k, v in summary.items() if k not in hidden}
             print(f"{run_dir}: {json.dumps(shown)}")
-        if len(args.run_dirs) > 1:
-            print(format_attack_report([Path(d) for d in args.run_dirs], config, pairs, args.baseline))
+        if len(args.run_dirs) > 1 or args.report_only:
+            print(format_attack_report([Path(d) for d in args.run_dirs], config, pairs, args.baseline,
+                                       partial=args.report_only))
 
     return run
 

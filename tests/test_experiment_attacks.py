@@ -106,8 +106,9 @@ def test_experiment_report_adds_attack_columns_and_refuses_unpaired_attacks(
 
 
 def test_attacks_of_implicit_models_with_unconfirmed_white_box_flips_are_flagged(tmp_path: Path) -> None:
-    """Summaries from before flips were confirmed on the evaluated model: the examples counted as not robust
+    """Attacks from before flips were confirmed on the evaluated model: the examples counted as not robust
     only through white-box flips bound how far robust accuracy may be understated, counted by hand."""
+    from ode_bert.attack.runner import FLIPS_CONFIRMED
     from ode_bert.experiments.report import unconfirmed_flips
 
     run_dir = _attacked(tmp_path, "im", 1, [1, 0, -1, -2])
@@ -117,11 +118,35 @@ def test_attacks_of_implicit_models_with_unconfirmed_white_box_flips_are_flagged
     with atomic_open(folder / "records.jsonl") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     summary = summarize_records(records, PGD)
-    assert summary["flips_confirmed_on_target"] is True
-    assert unconfirmed_flips(run_dir, "sst2", "pgd-l2") is None  # attacked with confirmation
-    old = {k: v for k, v in summary.items() if k != "flips_confirmed_on_target"}
-    write_json_atomic(folder / "summary.json", {**old, "sources": ["white-box", "transfer"]})
+    settings = json.loads((folder / "config.json").read_text())
+    write_json_atomic(folder / "summary.json", {**summary, "sources": ["white-box", "transfer"]})
     assert unconfirmed_flips(run_dir, "sst2", "pgd-l2") is None  # no unroll source: no implicit layers
-    write_json_atomic(folder / "summary.json", {**old, "sources": ["white-box", "unroll", "transfer"]})
+    write_json_atomic(folder / "summary.json", {**summary, "sources": ["white-box", "unroll", "transfer"]})
     # example 1 flips by white-box at 0.05 only; example 2 is flipped by unroll first; example 3 is wrong
     assert unconfirmed_flips(run_dir, "sst2", "pgd-l2") == [0, 1]
+    assert unconfirmed_flips(run_dir, "sst2", "pgd-l2", examples=[0, 2, 3]) is None
+    write_json_atomic(folder / "config.json", {**settings, FLIPS_CONFIRMED: True})
+    assert unconfirmed_flips(run_dir, "sst2", "pgd-l2") is None  # attacked with confirmation
+
+
+def test_interim_report_compares_unfinished_attacks_on_examples_every_run_completed(tmp_path: Path) -> None:
+    """``partial``: an unfinished attack (one complete chunk of two examples) is compared with a finished one
+    on those two examples; without it the unfinished run is refused."""
+    from ode_bert.experiments.report import attack_outcomes
+
+    done = _attacked(tmp_path, "bert", 1, [1, 0, -1, -2])
+    running = _attacked(tmp_path, "ex", 1, [0, -1, 1, 1], finished=False)
+    records_path = running / "attacks" / "sst2-pgd-l2" / "records.jsonl"
+    records = [json.loads(line) for line in records_path.read_text().splitlines()][:2]
+    records[1]["last_in_chunk"] = True  # one complete chunk of two examples, the rest not attacked yet
+    with atomic_open(records_path) as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    with pytest.raises(FileNotFoundError, match="no finished attack"):
+        attack_outcomes([done, running], "sst2", "pgd-l2")
+    outcomes = attack_outcomes([done, running], "sst2", "pgd-l2", partial=True)[GROUP]
+    assert outcomes["_examples"] == [0, 1]
+    # robust: [1, 0] -> both resist 0.01, only the first 0.05; [0, -1] -> the first resists 0.01 only
+    assert outcomes["bert"][1] == {"clean": [True, True], "robust@0.01": [True, True],
+                                   "robust@0.05": [True, False]}  # fmt: skip
+    assert outcomes["ex"][1] == {"clean": [True, True], "robust@0.01": [True, False],
+                                 "robust@0.05": [False, False]}  # fmt: skip

@@ -59,15 +59,19 @@ def run_identity(run_dir: Path) -> tuple[str, str, int]:
     return run_dir.parent.name, config["variant"], config["seed"]
 
 
-def per_example_metrics(folder: Path) -> tuple[list[int], dict[str, list[bool]]]:
+def per_example_metrics(folder: Path, partial: bool = False) -> tuple[list[int], dict[str, list[bool]]]:
     """(example indices, metric -> per-example 0/1 outcome) of one finished attack folder: ``clean`` and,
-    for PGD, ``robust@<radius>`` per radius, for text recipes ``under attack``."""
+    for PGD, ``robust@<radius>`` per radius, for text recipes ``under attack``. ``partial``: an unfinished
+    attack too, with the examples of its complete chunks."""
     summary_path = folder / SUMMARY_FILE
-    if not summary_path.is_file():
+    if partial and (folder / ATTACK_CONFIG_FILE).is_file():
+        summary = json.loads((folder / ATTACK_CONFIG_FILE).read_text())  # the radii, if PGD
+    elif not summary_path.is_file():
         raise FileNotFoundError(
             f"{folder} has no finished attack ({SUMMARY_FILE}); run 'ode-bert attack' first"
         )
-    summary = json.loads(summary_path.read_text())
+    else:
+        summary = json.loads(summary_path.read_text())
     records = read_records(folder / RECORDS_FILE)
     metrics = {"clean": [bool(r["clean_correct"]) for r in records]}
     if "radii" in summary:

@@ -60,6 +60,8 @@ from .files import (
 from .text import WordNet, deepwordbug, pwws
 
 DEFAULT_RADII = (0.01, 0.02, 0.05)
+# PGD settings key: every flip counted was confirmed on the evaluated model (embedding.pgd)
+FLIPS_CONFIRMED = "flips_confirmed_on_target"
 # settings of the training run a twin must share (its folder, data location and solver settings aside)
 _TWIN_IGNORED = {
     "output_dir",
@@ -293,6 +295,8 @@ def _attack_locked(
     twin = None
     synonyms = WordNet(config.wordnet) if config.recipe == "pwws" else None
     settings = {**config.to_json(), "split": resolve_split(train["task"], config.split), "n": len(examples)}
+    if config.is_pgd:  # older attacks lack it: resuming one is refused, reports flag it (unconfirmed_flips)
+        settings[FLIPS_CONFIRMED] = True
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     target = _Target(run_dir, device)
     if config.is_pgd and is_implicit(target.model) and config.transfer != "none":
@@ -540,7 +544,6 @@ def summarize_records(records: list[dict[str, Any]], config: AttackConfig) -> di
             for k in range(len(config.radii))
         ]
         summary["white_box_robust_accuracy"] = [sum(w) / n for w in white]
-        summary["flips_confirmed_on_target"] = True  # (attacks before this key: see report.unconfirmed_flips)
         names = sorted({b for r in records for b in r["flipped_by"] if b is not None})
         summary["flipped_by_source"] = {
             name: [sum(r["flipped_by"][k] == name for r in records) for k in range(len(config.radii))]

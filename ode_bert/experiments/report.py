@@ -207,29 +207,38 @@ def plot_differences(
     return rows
 
 
-def attack_outcomes(run_dirs: list[Path], split: str, recipe: str) -> dict[str, Any]:
+def attack_outcomes(run_dirs: list[Path], split: str, recipe: str, partial: bool = False) -> dict[str, Any]:
     """Per group, variant and seed, the per-example outcomes of one attack (``ode_bert.attack.files``):
     ``{group: {variant: {seed: {metric: [0/1 per example]}}}}``, with the example indices under
-    ``"_examples"`` per group; runs of one group must have attacked the same examples."""
+    ``"_examples"`` per group; runs of one group must have attacked the same examples. ``partial``: unfinished
+    attacks too, every run of a group cut to the examples all of them have completed (an interim report)."""
     from ..attack.files import attack_folder, per_example_metrics, run_identity
 
-    out: dict[str, Any] = {}
+    found: dict[str, list[tuple[Path, str, int, list[int], dict[str, list[bool]]]]] = {}
     settings: dict[str, tuple[Path, dict[str, Any]]] = {}
     for run_dir in run_dirs:
         group, variant, seed = run_identity(Path(run_dir))
         folder = attack_folder(run_dir, split, recipe)
-        indices, metrics = per_example_metrics(folder)
-        entry = out.setdefault(group, {"_examples": indices})
-        if entry["_examples"] != indices:
-            raise ValueError(f"{run_dir}: attacked other examples than the other runs of group {group}; "
-                             "attack every run with the same --split and --limit")  # fmt: skip
+        indices, metrics = per_example_metrics(folder, partial)
         mine = _attack_settings(folder)
         first_run, first = settings.setdefault(group, (Path(run_dir), mine))
         differing = sorted(k for k in set(first) | set(mine) if first.get(k) != mine.get(k))
         if differing:
             raise ValueError(f"{run_dir}: attacked with other settings than {first_run} of group {group} "
                              f"(differing: {differing}); attack every run of a group with the same options")
-        entry.setdefault(variant, {})[seed] = metrics
+        found.setdefault(group, []).append((Path(run_dir), variant, seed, indices, metrics))
+    out: dict[str, Any] = {}
+    for group, runs in found.items():
+        n = min(len(indices) for _, _, _, indices, _ in runs) if partial else len(runs[0][3])
+        if n == 0:
+            raise ValueError(f"group {group}: no example is attacked in every run yet ({runs[0][0]} ...)")
+        examples = runs[0][3][:n]
+        entry = out.setdefault(group, {"_examples": examples})
+        for run_dir, variant, seed, indices, metrics in runs:
+            if indices[: n if partial else None] != examples:
+                raise ValueError(f"{run_dir}: attacked other examples than the other runs of group {group}; "
+                                 "attack every run with the same --split and --limit")  # fmt: skip
+            entry.setdefault(variant, {})[seed] = {k: v[:n] for k, v in metrics.items()}
     return out
 
 
@@ -251,48 +260,68 @@ def _attack_settings(folder: Path) -> dict[str, Any]:
     return {k: v for k, v in saved.items() if k not in _RUN_SPECIFIC_ATTACK_SETTINGS}
 
 
-def unconfirmed_flips(run_dir: Path, split: str, recipe: str) -> list[int] | None:
-    """For a PGD attack of an implicit model written before flips were confirmed on the target (summaries
+def unconfirmed_flips(
+    run_dir: Path, split: str, recipe: str, examples: list[int] | None = None
+) -> list[int] | None:
+    """For a PGD attack of an implicit model written before flips were confirmed on the target (settings
     without ``flips_confirmed_on_target``): per radius, the examples counted as not robust only through
     white-box flips, which were read from the model's autograd forward (``g(z*)`` for ``one_step`` and
     ``implicit`` layers, not the evaluated ``z*``): how far its robust accuracy may be understated.
-    ``None`` where nothing is in doubt (confirmed flips, no implicit layers, or no such flips)."""
+    ``None`` where nothing is in doubt (confirmed flips, no implicit layers, or no such flips). ``examples``:
+    count among these example indices only (default: all attacked)."""
     import json
 
-    from ..attack.files import RECORDS_FILE, SUMMARY_FILE, attack_folder, read_records
+    from ..attack.files import (
+        ATTACK_CONFIG_FILE,
+        COSTS_FILE,
+        RECORDS_FILE,
+        SUMMARY_FILE,
+        attack_folder,
+        read_records,
+    )
+    from ..attack.runner import FLIPS_CONFIRMED
 
     folder = attack_folder(run_dir, split, recipe)
-    summary = json.loads((folder / SUMMARY_FILE).read_text())
-    if "radii" not in summary or summary.get("flips_confirmed_on_target"):
+    settings = json.loads((folder / ATTACK_CONFIG_FILE).read_text())
+    if "radii" not in settings or settings.get(FLIPS_CONFIRMED):
         return None
-    if "unroll" not in (summary.get("sources") or []):  # no implicit layers, or unrolled ones: one forward
+    if (folder / SUMMARY_FILE).is_file():
+        sources = json.loads((folder / SUMMARY_FILE).read_text()).get("sources") or []
+    else:  # unfinished: the first chunk's costs name the gradient sources
+        first = (folder / COSTS_FILE).read_text().splitlines()[:1] if (folder / COSTS_FILE).is_file() else []
+        sources = json.loads(first[0]).get("sources", []) if first else []
+    if "unroll" not in sources:  # no implicit layers, or unrolled ones: one forward with and without autograd
         return None
     records = read_records(folder / RECORDS_FILE)
+    if examples is not None:
+        records = [r for r in records if r["index"] in set(examples)]
     counts = [
         sum(1 for r in records if r["clean_correct"] and "white-box" in r["flipped_by"][: k + 1]
             and not {b for b in r["flipped_by"][: k + 1] if b is not None} - {"white-box"})
-        for k in range(len(summary["radii"]))
+        for k in range(len(settings["radii"]))
     ]  # fmt: skip
     return counts if any(counts) else None
 
 
 def format_attack_report(run_dirs: list[Path], config: Any, pairs: list[tuple[str, str]],
-                         baseline: str = BASELINE) -> str:  # fmt: skip
+                         baseline: str = BASELINE, partial: bool = False) -> str:  # fmt: skip
     """Markdown tables of one attack over runs: per variant, mean ± std over seeds of every metric (clean,
     robust accuracy per radius or accuracy under attack, in %) and the paired (same seed) difference to
     ``baseline`` with its 95% t interval; then for each pair ``A:B``, the difference paired by seed (t) and by
-    example and seed (crossed bootstrap), and McNemar's test pooled over seeds and examples."""
+    example and seed (crossed bootstrap), and McNemar's test pooled over seeds and examples. ``partial``: an
+    interim report of unfinished attacks, on the examples every run of a group has completed."""
     from ..attack.runner import resolve_split
     from ..train import read_train_config
 
     task = read_train_config(Path(run_dirs[0]))["task"]
-    outcomes = attack_outcomes(run_dirs, resolve_split(task, config.split), config.recipe)
+    outcomes = attack_outcomes(run_dirs, resolve_split(task, config.split), config.recipe, partial)
     lines = []
     for group, entry in outcomes.items():
         n = len(entry["_examples"])
         variants = sorted((v for v in entry if v != "_examples"), key=_variant_order)
         metrics = list(next(iter(entry[variants[0]].values())))
-        lines += [f"### {group}: {config.recipe}, {n} examples (scores in %)", "",
+        scope = " completed by every run (interim report)" if partial else ""
+        lines += [f"### {group}: {config.recipe}, {n} examples{scope} (scores in %)", "",
                   "| variant | seeds | " + " | ".join(f"{m} | Δ {m} vs {baseline}" for m in metrics) + " |",
                   "|---|---|" + "---|---|" * len(metrics)]  # fmt: skip
         for variant in variants:
@@ -334,7 +363,10 @@ def format_attack_report(run_dirs: list[Path], config: Any, pairs: list[tuple[st
                              f"p = {test['p_value']:.3g} |")  # fmt: skip
             lines.append("")
     split = resolve_split(task, config.split)
-    doubts = {Path(r): unconfirmed_flips(Path(r), split, config.recipe) for r in run_dirs}
+    from ..attack.files import run_identity
+
+    doubts = {Path(r): unconfirmed_flips(Path(r), split, config.recipe,
+                                         outcomes[run_identity(Path(r))[0]]["_examples"]) for r in run_dirs}
     doubts = {r: counts for r, counts in doubts.items() if counts}
     if doubts:
         lines += ["**Warning: white-box flips not confirmed on the evaluated model** (attacked before "
