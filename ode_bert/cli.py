@@ -122,6 +122,11 @@ def _train_command(parser: argparse.ArgumentParser) -> Handler:
     parser.add_argument(
         "--dev-samples", type=int, help="evaluate on a fixed subset of this many clean dev examples"
     )
+    parser.add_argument(
+        "--warm-start", action="store_true",
+        help="start each example's implicit solves from its fixed points of the previous epoch (variants "
+        "with implicit layers; training only; the store is checkpointed)",
+    )  # fmt: skip
     _add_data_dir(parser)
     _add_training_options(parser)
 
@@ -131,7 +136,7 @@ def _train_command(parser: argparse.ArgumentParser) -> Handler:
 
         config = TrainConfig(
             task=args.task, variant=args.variant, seed=args.seed, output_dir=args.output_dir,
-            resume=args.resume, data_dir=args.data_dir, **_training_options(args),
+            resume=args.resume, data_dir=args.data_dir, warm_start=args.warm_start, **_training_options(args),
         )  # fmt: skip
         run_dir = train(config)
         from accelerate import PartialState  # present: train needs it

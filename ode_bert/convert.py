@@ -15,7 +15,7 @@ import dataclasses
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -94,6 +94,17 @@ class _RandomState:
             torch.cuda.set_rng_state(self.cuda, self.device)
 
 
+class InitialGuesses(Protocol):
+    """Warm starts of the implicit steps of one batch (``ode_bert.warm_start.WarmStartStore.batch``)."""
+
+    def guess(self, layer: int, h: Tensor) -> tuple[Tensor, Tensor] | None:
+        """For the step of layer ``layer`` from ``h`` (batch-first): an estimate of its result shaped like
+        ``h`` and a bool per sample saying which samples it holds for, or ``None`` (no sample has one)."""
+
+    def solved(self, layer: int, h: Tensor, h_next: Tensor) -> None:
+        """The step of layer ``layer`` went from ``h`` to ``h_next`` (for the next visit's guess)."""
+
+
 class ODEConnection:
     """Replacement ``forward`` of one encoder layer: one ODE step over the layer's interval ``[l, l+1)``.
 
@@ -117,11 +128,17 @@ class ODEConnection:
     method that evaluates the layer more than once, so that cached decoding equals decoding without a cache
     (``ode_bert.kvcache.CachePlan``; adaptive methods are refused there). ``sequence_first`` layers (XLNet)
     are solved in the batch-first view of their state, so norms and records are per sequence.
+
+    Warm starts (``ode_bert.warm_start``): while ``warm_start`` holds an ``InitialGuesses`` (set for one batch
+    by ``WarmStartStore.batch``) and the layer is in training mode, an implicit step starts the samples it
+    has a guess for from that guess instead of the explicit predictor, and hands its result back; in
+    evaluation, and for explicit and adaptive steps, it is not used.
     """
 
     mask_padding: bool = True  # set False on an instance to solve padding positions too (for comparisons)
     sequence_first: bool = False  # the layer's hidden states are (tokens, batch, ...) (XLNet; set by convert)
     check_finite: bool = True  # set False on an instance to skip the NaN/Inf checks (for benchmarks)
+    warm_start: InitialGuesses | None = None  # set on an instance for one batch (ode_bert.warm_start)
 
     def __init__(
         self,
@@ -212,6 +229,14 @@ class ODEConnection:
 
         masked = self.mask_padding and self.method.implicit
         real = real_token_mask(self.layer, h, rest_args, rest_kwargs) if masked else None
+        warm = self.warm_start if self.layer.training and self.method.implicit else None
+        if warm is not None and cached is not None:
+            raise ValueError(
+                f"{self._where()}: warm starts do not combine with a key/value cache (the cache keeps one "
+                f"history per evaluation, which a warm start skips); call the model with use_cache=False"
+            )
+        start = warm.guess(self.index, h.detach()) if warm is not None else None
+        guess = {} if start is None else {"guess": start[0], "known": start[1]}
         # Explicit steps propagate a NaN/Inf of any evaluation to their output, checked below; implicit and
         # adaptive solves may hide it (a root finder keeps its last finite iterate), so check every value.
         hidden_nan = self.check_finite and (self.method.implicit or self.method.adaptive)
@@ -225,9 +250,9 @@ class ODEConnection:
             elif real is None or bool(real.all()):
                 rowwise = solvers.RowMap(field, field_rows)
                 f = self._checked(rowwise, field) if hidden_nan else rowwise
-                h_next, info = self.method.step(f, float(self.index), h, self.step)
+                h_next, info = self.method.step(f, float(self.index), h, self.step, **guess)
             else:
-                h_next, info = self._step_real_tokens(field, h, real, hidden_nan, field_rows)
+                h_next, info = self._step_real_tokens(field, h, real, hidden_nan, field_rows, **guess)
         except BaseException as err:
             if cached is not None:  # the cache as it was before the step
                 cached.abandon()
@@ -242,6 +267,8 @@ class ODEConnection:
                 f"finite: the vector field returned NaN or Inf (or the step overflowed)"
             )
         trimmer.trim()
+        if warm is not None:
+            warm.solved(self.index, h.detach(), h_next.detach())
         self.last_info = _detached(info)
         self._check_convergence(info)
         if field.last_extras is not None:
@@ -259,6 +286,7 @@ class ODEConnection:
     def _step_real_tokens(
         self, field: LayerField, h: Tensor, real: Tensor, check: bool = False,
         rows: Callable[[Tensor], LayerField | None] | None = None,
+        guess: Tensor | None = None, known: Tensor | None = None,
     ) -> tuple[Tensor, StepInfo]:
         """Step only the real tokens; padding positions keep ``h``.
 
@@ -266,6 +294,7 @@ class ODEConnection:
         ``held`` the padding part of ``h``: the field vanishes at padding, so ``y`` stays zero there and
         the solve's residual norms see the real tokens only. Exact for the (linear) Runge-Kutta methods.
         ``rows(index)``: the field on some batch rows (row compaction), or ``None`` where it cannot be.
+        ``guess``/``known``: a warm start of the result (``ImplicitRK.step``), taken on the real tokens.
         """
         keep = real[..., None].to(h.dtype)
         held = h * (1 - keep)
@@ -281,8 +310,9 @@ class ODEConnection:
             return lambda t, y: keep_rows * field_rows(t, y + held_rows)
 
         f = solvers.RowMap(f_all, f_rows)
+        warm = {} if guess is None else {"guess": guess * keep, "known": known}
         h_next, info = self.method.step(
-            self._checked(f, field) if check else f, float(self.index), h * keep, self.step
+            self._checked(f, field) if check else f, float(self.index), h * keep, self.step, **warm
         )
         return h_next + held, info
 

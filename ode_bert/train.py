@@ -3,7 +3,8 @@
 ``train(TrainConfig(...))`` writes a run directory::
 
     train_config.json        the configuration (``evaluate`` reads the task from it)
-    checkpoint.safetensors   model + optimizer + scheduler + RNG states, after each epoch (removed at the end)
+    checkpoint.safetensors   model + optimizer + scheduler + RNG states (+ the warm-start store), after each
+                             epoch (removed at the end)
     model/                   the final model and tokenizer (``ode_bert.from_pretrained`` reloads it)
     train_history.json       per epoch: mean training loss, implicit-solve convergence, the machine it ran on;
                              written last, it marks the run as complete
@@ -53,6 +54,7 @@ from .encoding import Collator, EncodedDataset
 from .io import atomic_open, write_json_atomic
 from .pretrained import load_model
 from .settings import SETTING_NAMES, ODESettings, OptionalSettings, settings_for_variant
+from .warm_start import WarmStartStore
 
 CHECKPOINT = "checkpoint.safetensors"
 LEGACY_CHECKPOINT = "checkpoint.pt"  # the pickle format of earlier versions: never loaded
@@ -64,6 +66,8 @@ MODEL_DIR = "model"
 RUN_FILES = (CONFIG_FILE, CHECKPOINT, LEGACY_CHECKPOINT, HISTORY_FILE, "metrics.json", "predictions.json")
 # settings that say where a run is, not what it is: moving a run folder keeps it the same run
 LOCATION_SETTINGS = frozenset({"output_dir"})
+# settings added after runs were recorded without them: a saved run lacking one had its value here
+LATER_SETTINGS: dict[str, Any] = {"warm_start": False}
 
 
 class RunDirError(OSError, ValueError):
@@ -93,6 +97,10 @@ class TrainConfig(OptionalSettings, _RunTask):
     empty ``solver_options``) means the variant's default (``ODESettings.preset("ex")``/``"im"``, the
     ``ODESettings`` defaults for ``ode``). ``settings()`` is the conversion; which settings a variant
     takes is ``ode_bert.settings.settings_taken_by``.
+
+    ``warm_start``: start each example's implicit solves from its fixed points of the previous epoch
+    (``ode_bert.warm_start``; training only, evaluation starts cold); the store is part of the checkpoint.
+    Variants without implicit layers refuse it.
     """
 
     epochs: int = 3
@@ -108,6 +116,7 @@ class TrainConfig(OptionalSettings, _RunTask):
     holdout: float | None = None  # fraction of the training examples held out for choosing hyperparameters
     output_dir: str = "runs/run"
     data_dir: str | None = None
+    warm_start: bool = False
     resume: bool = False
 
     def validate(self) -> None:
@@ -138,6 +147,19 @@ class TrainConfig(OptionalSettings, _RunTask):
                 raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
         if not isinstance(self.output_dir, (str, os.PathLike)) or not str(self.output_dir):
             raise ValueError(f"output_dir must be a path, got {self.output_dir!r}")
+        if not isinstance(self.warm_start, bool):
+            raise ValueError(f"warm_start must be True or False, got {self.warm_start!r}")
+        if self.warm_start and not self.has_implicit_layers():
+            raise ValueError(
+                f"warm_start needs implicit layers, and variant {self.variant!r}"
+                + (f" with solver {self.settings().solver!r}" if self.settings() is not None else "")
+                + " has none: use variant 'im' (or 'ode' with implicit_euler, implicit_midpoint or trapezoid)"
+            )
+
+    def has_implicit_layers(self) -> bool:
+        """Whether the conversion makes some layer an implicit step (the only ones warm starts act on)."""
+        settings = self.settings()
+        return settings is not None and settings.make_method(on_failure="ignore").implicit
 
     def settings(self) -> ODESettings | None:
         """The conversion of this run: the variant's settings with the ones set here (``None``: ``bert``).
@@ -351,7 +373,7 @@ def machine_record() -> dict[str, Any]:
     return record
 
 
-def _parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: no weight decay on biases and LayerNorm weights, as in BERT fine-tuning."""
     decay, no_decay = [], []
     for param in model.parameters():
@@ -389,7 +411,9 @@ def read_train_config(run_dir: Path) -> dict[str, Any]:
 
 
 def settings_differ(saved: dict[str, Any], config: TrainConfig) -> list[str]:
-    """The settings (``train_config.json`` keys, location aside) in which ``saved`` and ``config`` differ."""
+    """The settings (``train_config.json`` keys, location aside) in which ``saved`` and ``config`` differ; a
+    setting added later (``LATER_SETTINGS``) that ``saved`` lacks counts as its value then."""
+    saved = {**LATER_SETTINGS, **saved}
     current = json.loads(json.dumps(config.to_json()))
     keys = (set(saved) | set(current)) - LOCATION_SETTINGS
     return sorted(k for k in keys if saved.get(k) != current.get(k))
@@ -555,6 +579,12 @@ def train(config: TrainConfig) -> Path:
     except ImportError as err:
         raise ImportError("training needs HF Accelerate: pip install 'ode-bert[train]'") from err
     accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    if config.warm_start and accelerator.num_processes > 1:
+        raise ValueError(
+            f"warm_start keeps each example's fixed points in its process, and this run has "
+            f"{accelerator.num_processes} processes, which see different examples each epoch; train in one "
+            f"process or without warm_start"
+        )
     task = get_task(config.task)
     # the evaluation data (clean dev, AdvGLUE) too: a damaged file fails now, not after training
     check_data(config.task, config.data_dir, include_train=False)
@@ -563,15 +593,16 @@ def train(config: TrainConfig) -> Path:
     set_seed(config.seed)  # the classifier head's initialisation depends on the seed only
     model, tokenizer = load_model(config.model, num_labels=task.num_labels)
     apply_variant(model, config)
-    dataset = EncodedDataset(examples, tokenizer, config.max_length)
+    dataset = WithExampleIds(EncodedDataset(examples, tokenizer, config.max_length))
     loader = DataLoader(
         dataset,
         batch_size=config.batch_size,
         sampler=EpochSampler(len(dataset), config.seed),
-        collate_fn=Collator(tokenizer),
+        collate_fn=CollatorWithExampleIds(Collator(tokenizer)),
     )
+    store = WarmStartStore() if config.warm_start else None
     total_steps = len(loader) * config.epochs
-    optimizer = torch.optim.AdamW(_parameter_groups(model, config.weight_decay), lr=config.lr)
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr)
     scheduler = get_linear_schedule_with_warmup(
         optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps
     )
@@ -581,7 +612,7 @@ def train(config: TrainConfig) -> Path:
     start_epoch, history = 0, []
     if config.resume and checkpoint_path.is_file():
         state = load_checkpoint(checkpoint_path)
-        _restore(state, checkpoint_path, config, accelerator.unwrap_model(model), optimizer, scheduler)
+        _restore(state, checkpoint_path, config, accelerator.unwrap_model(model), optimizer, scheduler, store)
         start_epoch, history = state["epoch"] + 1, state["history"]
 
     # Everything checked: from here on the run directory is written.
@@ -599,6 +630,8 @@ def train(config: TrainConfig) -> Path:
         model.train()
         losses = []
         tally = SolveTally()
+        if store is not None:
+            store.reset_counts()
         bar = tqdm(
             loader,
             desc=f"{config.variant} seed {config.seed} epoch {epoch + 1}/{config.epochs}",
@@ -610,7 +643,10 @@ def train(config: TrainConfig) -> Path:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             for batch in bar:
-                loss = model(**batch).loss
+                example_ids = batch.pop(EXAMPLE_IDS)
+                with (contextlib.nullcontext() if store is None else
+                      store.batch(accelerator.unwrap_model(model), example_ids, batch["attention_mask"])):
+                    loss = model(**batch).loss
                 tally.add(accelerator.unwrap_model(model))
                 accelerator.backward(loss)
                 accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -624,6 +660,8 @@ def train(config: TrainConfig) -> Path:
         solves = tally.merge(accelerator).record()
         history.append({"epoch": epoch + 1, "mean_loss": float(np.mean(losses)), "solver": solves,
                         "machine": machine})  # fmt: skip
+        if store is not None:  # (example, layer) solves started warm / cold, store size
+            history[-1]["warm_start"] = store.stats()
         if solves is not None and solves["example_converged"] < solves["example_solves"]:
             accelerator.print(
                 f"epoch {epoch + 1}: {solves['example_converged']} of {solves['example_solves']} "
@@ -644,6 +682,7 @@ def train(config: TrainConfig) -> Path:
                     "epoch": epoch,
                     "history": history,
                     "config": config.to_json(),
+                    **({} if store is None else {"warm_start": store.state_dict()}),
                 },
             )
 
@@ -673,9 +712,10 @@ def _writing(path: Path) -> Iterator[None]:
 
 def _restore(
     state: dict[str, Any], path: Path, config: TrainConfig, model: torch.nn.Module, optimizer: Any,
-    scheduler: Any,
+    scheduler: Any, store: WarmStartStore | None = None,
 ) -> None:
-    """Load a checkpoint's state into the run; refuse one of other settings or of another model."""
+    """Load a checkpoint's state into the run (the warm-start ``store`` too, if the run has one); refuse one
+    of other settings or of another model."""
     saved = state.get("config")
     differing = settings_differ(saved, config) if isinstance(saved, dict) else ["config (not recorded)"]
     if differing:
@@ -690,10 +730,40 @@ def _restore(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
+        if store is not None:
+            store.load_state_dict(state["warm_start"])
     except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as err:
         raise RunDirError(
             f"{path} does not fit this run's model or optimizer ({err}); " + _recovery(path.parent)
         ) from err
+
+
+EXAMPLE_IDS = "example_ids"  # the batch entry holding each row's index in the training examples
+
+
+class WithExampleIds(torch.utils.data.Dataset):
+    """Items that also carry their index (``EXAMPLE_IDS``): the stable example id of warm starts."""
+
+    def __init__(self, dataset: EncodedDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {**self.dataset[i], EXAMPLE_IDS: i}
+
+
+class CollatorWithExampleIds:
+    """``collate`` of the items without their ids, plus the ids as a long tensor (``EXAMPLE_IDS``)."""
+
+    def __init__(self, collate: Collator) -> None:
+        self.collate = collate
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids = torch.tensor([item[EXAMPLE_IDS] for item in items], dtype=torch.long)
+        batch = self.collate([{k: v for k, v in item.items() if k != EXAMPLE_IDS} for item in items])
+        return {**batch, EXAMPLE_IDS: ids}
 
 
 def _save_final(model: torch.nn.Module, tokenizer: Any, run_dir: Path) -> None:

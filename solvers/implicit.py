@@ -3,6 +3,12 @@
 Each step writes its equation as ``z = g(z)`` and hands it to a root finder from the registry through
 ``solve_fixed_point`` (so the gradient mode is a choice too). Implicit Euler with step 1 is the IM-BERT
 layer ``h[l+1] = h[l] + f_l(h[l+1])``.
+
+Warm starts: ``step(f, t, y, dt, guess=..., known=...)`` starts the iteration of the samples marked
+``known`` from an estimate of the step's result (e.g. the result of the same step at an earlier visit with
+slightly different weights) instead of the explicit predictor, whose evaluation is skipped when every
+sample has a guess. Only where the iteration starts changes: the fixed point, and the ``implicit`` and
+``one_step`` gradients (functions of the fixed point alone), are those of a cold start up to the tolerance.
 """
 
 from __future__ import annotations
@@ -24,7 +30,9 @@ from ._base import (
     RowMap,
     StepInfo,
     VectorField,
+    all_finite,
     as_time,
+    batch_size,
     check_on_failure,
     check_state,
     check_step,
@@ -39,6 +47,46 @@ INITIAL_GUESSES = ("explicit", "previous")
 
 # (g, initial guess, map from the fixed point z to y_next)
 FixedPointProblem = tuple[FixedPointMap, Tensor, Callable[[Tensor], Tensor]]
+# a warm start in the fixed-point variable: (z guess, bool per sample: whether that sample has one)
+WarmStart = tuple[Tensor, Tensor]
+
+
+def check_guess(guess: Tensor | None, known: Tensor | None, y: Tensor) -> Tensor | None:
+    """Validate a warm start for a step from ``y``; returns ``known`` (all true when not given) or ``None``
+    when there is no guess. ``guess`` must be a tensor shaped, typed and placed like ``y`` and finite on the
+    samples it is known for; ``known`` a bool tensor with one entry per sample (``batch_size(y)``)."""
+    if guess is None:
+        if known is not None:
+            raise ValueError("known was given without a guess: pass a guess shaped like y too, or neither")
+        return None
+    if not isinstance(guess, Tensor):
+        raise TypeError(f"guess must be a torch.Tensor shaped like the state, got {type(guess).__name__}")
+    if guess.shape != y.shape or guess.dtype != y.dtype or guess.device != y.device:
+        raise ValueError(
+            f"guess must be shaped, typed and placed like the state: got {tuple(guess.shape)} {guess.dtype} "
+            f"on {guess.device}, the state is {tuple(y.shape)} {y.dtype} on {y.device}"
+        )
+    rows = batch_size(y)
+    if known is None:
+        known = torch.ones(rows, dtype=torch.bool, device=y.device)
+    elif not isinstance(known, Tensor) or known.dtype != torch.bool or known.shape != (rows,):
+        got = f"{tuple(known.shape)} {known.dtype}" if isinstance(known, Tensor) else type(known).__name__
+        raise ValueError(f"known must be a bool tensor with one entry per sample, shape ({rows},); got {got}")
+    elif known.device != y.device:
+        raise ValueError(f"known is on {known.device}, the state on {y.device}")
+    if bool(known.any()):
+        chosen = guess.detach() if y.ndim < 2 else guess.detach()[known]
+        if not all_finite(chosen):
+            raise ValueError("guess contains NaN or Inf on a sample marked known")
+    return known
+
+
+def _merged(warm: WarmStart, cold: Tensor) -> Tensor:
+    """The warm guess on the known samples, ``cold`` on the others."""
+    z_warm, known = warm
+    if z_warm.ndim < 2:  # a single sample
+        return z_warm if bool(known.all()) else cold
+    return torch.where(known.view(-1, *(1,) * (z_warm.ndim - 1)), z_warm, cold)
 
 
 class ImplicitRK(Method):
@@ -53,6 +101,13 @@ class ImplicitRK(Method):
     can be evaluated on a subset of the batch rows, ``solvers.RowMap``, samples that have converged are no
     longer evaluated; each sample's result is the one the whole-batch solve gives it, up to the rounding of
     the field on fewer rows).
+
+    ``step(..., guess=y_next_estimate, known=rows)`` warm-starts the samples ``known`` (all, if not given)
+    from ``guess``, an estimate of the step's result ``y_next`` that each method maps to its fixed-point
+    variable; the other samples start as ``init`` says. ``guess`` is used without its autograd graph. With
+    ``grad="unroll"`` the gradient is that of the iterations that ran: from a guess they start at a constant,
+    so no gradient flows through the start point (from the predictor it does), and the unrolled gradient
+    differs from a cold start's by as much as the iterations are from converged.
 
     A non-finite input state is a ``ValueError``. A vector field that returns NaN/Inf at a finite state
     (in the predictor, or in a root solve that then fails) is a ``NonFiniteError`` naming the field and
@@ -100,13 +155,19 @@ class ImplicitRK(Method):
         )
 
     def step(
-        self, f: VectorField, t: Tensor | float, y: Tensor, dt: Tensor | float
+        self, f: VectorField, t: Tensor | float, y: Tensor, dt: Tensor | float, *,
+        guess: Tensor | None = None, known: Tensor | None = None,
     ) -> tuple[Tensor, StepInfo]:
+        """Advance ``y`` by ``dt``; ``guess``/``known``: a warm start (class docstring, ``check_guess``)."""
         check_step(dt)
         check_state(y)
+        known = check_guess(guess, known, y)
+        warm = None
+        if guess is not None and known is not None:
+            warm = (self._stage_guess(y.detach(), guess.detach()), known)
         counted = CountedField(f, y)
         t0 = as_time(t, y)
-        g, z0, finish = self._fixed_point(counted, t0, y, dt)
+        g, z0, finish = self._fixed_point(counted, t0, y, dt, warm)
         where = f"in a step of {self.name!r} from t = {float(t0):.6g} (dt = {float(dt):.3g})"
         counted.raise_nonfinite(where, y)  # f(t, y) of the predictor: not "a bad initial guess"
         try:
@@ -124,6 +185,24 @@ class ImplicitRK(Method):
         """Explicit Euler guess ``y + dt f(t, y)``; without a graph unless gradients unroll through it."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.grad == "unroll"):
             return y + dt * f(t, y)
+
+    def _start(
+        self, cold: Callable[[VectorField, Tensor], Tensor], f: VectorField, y: Tensor, warm: WarmStart | None
+    ) -> Tensor:
+        """The initial guess: the warm one on the known samples, ``cold(f, y)`` (the ``init`` guess) on the
+        others, evaluated on those rows only when ``f`` can be restricted to rows, not at all if none."""
+        if warm is None:
+            return cold(f, y)
+        z_warm, known = warm
+        if bool(known.all()):
+            return z_warm
+        if y.ndim < 2:  # a single sample, not known
+            return cold(f, y)
+        missing = (~known).nonzero().flatten()
+        f_rows = restrict_rows(f, missing)
+        if f_rows is not None:
+            return z_warm.index_copy(0, missing, cold(f_rows, y.index_select(0, missing)))
+        return _merged(warm, cold(f, y))
 
     def _affine_map(self, f: VectorField, t: Tensor, base: Tensor, scale: Tensor | float) -> FixedPointMap:
         """``z -> base + scale f(t, z)``, the fixed-point map of every implicit step here; with
@@ -145,8 +224,15 @@ class ImplicitRK(Method):
         return RowMap(g, rows)
 
     @abc.abstractmethod
-    def _fixed_point(self, f: VectorField, t: Tensor, y: Tensor, dt: Tensor | float) -> FixedPointProblem:
-        """The map ``g`` whose fixed point defines the step, the initial guess and ``z -> y_next``."""
+    def _fixed_point(
+        self, f: VectorField, t: Tensor, y: Tensor, dt: Tensor | float, warm: WarmStart | None
+    ) -> FixedPointProblem:
+        """The map ``g`` whose fixed point defines the step, the initial guess (``warm`` where known) and
+        ``z -> y_next``."""
+
+    def _stage_guess(self, y: Tensor, y_next: Tensor) -> Tensor:
+        """The fixed-point variable ``z`` giving the step result ``y_next`` (the inverse of ``finish``)."""
+        return y_next
 
 
 @register("implicit_euler")
@@ -156,10 +242,15 @@ class ImplicitEuler(ImplicitRK):
     order = 1
     tableau = ButcherTableau(A=((F(1),),), b=(F(1),), c=(F(1),))
 
-    def _fixed_point(self, f: VectorField, t: Tensor, y: Tensor, dt: Tensor | float) -> FixedPointProblem:
+    def _fixed_point(
+        self, f: VectorField, t: Tensor, y: Tensor, dt: Tensor | float, warm: WarmStart | None
+    ) -> FixedPointProblem:
         t1 = t + dt
-        z0 = self._predictor(f, t, y, dt) if self.init == "explicit" else y
-        return self._affine_map(f, t1, y, dt), z0, (lambda z: z)
+
+        def cold(f_: VectorField, y_: Tensor) -> Tensor:
+            return self._predictor(f_, t, y_, dt) if self.init == "explicit" else y_
+
+        return self._affine_map(f, t1, y, dt), self._start(cold, f, y, warm), (lambda z: z)
 
 
 @register("trapezoid")
@@ -169,14 +260,18 @@ class Trapezoid(ImplicitRK):
     order = 2
     tableau = ButcherTableau(A=((F(0), F(0)), (F(1, 2), F(1, 2))), b=(F(1, 2), F(1, 2)), c=(F(0), F(1)))
 
-    def _fixed_point(self, f: VectorField, t: Tensor, y: Tensor, dt: Tensor | float) -> FixedPointProblem:
+    def _fixed_point(
+        self, f: VectorField, t: Tensor, y: Tensor, dt: Tensor | float, warm: WarmStart | None
+    ) -> FixedPointProblem:
         t1 = t + dt
-        f0 = f(t, y)
+        f0 = f(t, y)  # part of the equation, so evaluated whatever the start
         base = y + (0.5 * dt) * f0
         if self.init == "previous":
             z0 = y
         else:  # the predictor reuses f0; its graph matters only when unrolling
             z0 = y + dt * f0 if self.grad == "unroll" else (y + dt * f0).detach()
+        if warm is not None:  # f0 is evaluated anyway, so the cold guess costs nothing here
+            z0 = _merged(warm, z0)
         return self._affine_map(f, t1, base, 0.5 * dt), z0, (lambda z: z)
 
 
@@ -190,7 +285,16 @@ class ImplicitMidpoint(ImplicitRK):
     order = 2
     tableau = ButcherTableau(A=((F(1, 2),),), b=(F(1),), c=(F(1, 2),))
 
-    def _fixed_point(self, f: VectorField, t: Tensor, y: Tensor, dt: Tensor | float) -> FixedPointProblem:
+    def _fixed_point(
+        self, f: VectorField, t: Tensor, y: Tensor, dt: Tensor | float, warm: WarmStart | None
+    ) -> FixedPointProblem:
         t_mid = t + 0.5 * dt
-        z0 = self._predictor(f, t, y, 0.5 * dt) if self.init == "explicit" else y
-        return self._affine_map(f, t_mid, y, 0.5 * dt), z0, (lambda z: 2 * z - y)
+
+        def cold(f_: VectorField, y_: Tensor) -> Tensor:
+            return self._predictor(f_, t, y_, 0.5 * dt) if self.init == "explicit" else y_
+
+        return self._affine_map(f, t_mid, y, 0.5 * dt), self._start(cold, f, y, warm), (lambda z: 2 * z - y)
+
+    def _stage_guess(self, y: Tensor, y_next: Tensor) -> Tensor:
+        """``y_next = 2 z - y``, so ``z = (y + y_next) / 2``."""
+        return 0.5 * (y + y_next)

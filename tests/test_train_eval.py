@@ -131,7 +131,8 @@ def test_train_and_evaluate_end_to_end(tiny_model: str, tmp_path: Path) -> None:
     tight = evaluate(run_dir, dev_samples=40, solver_changes={"tol": 1e-6, "max_iter": 40})
     assert json.loads((run_dir / "metrics.json").read_text()) == metrics
     assert json.loads((run_dir / "evals" / "max_iter=40,tol=1e-06" / "metrics.json").read_text()) == tight
-    assert tight["solver_settings"]["tol"] == 1e-6 and tight["solver_changes"] == {"tol": 1e-6, "max_iter": 40}
+    assert tight["solver_settings"]["tol"] == 1e-6
+    assert tight["solver_changes"] == {"tol": 1e-6, "max_iter": 40}
     assert tight["advglue"]["solver"]["max_rel_residual"] <= 1e-6 < solver["max_rel_residual"]
     assert tight["advglue"]["solver"]["mean_iterations"] > solver["mean_iterations"]
     for bad, named in (({"tol": "x"}, "tol"), ({"rootz": "anderson"}, "rootz"), ({}, "non-empty")):
