@@ -20,6 +20,7 @@ def atomic_open(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _file_mode(path))  # mkstemp makes it owner-only; the file gets the usual permissions
         with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
             f.flush()
@@ -28,6 +29,16 @@ def atomic_open(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
         os.unlink(tmp)
         raise
     os.replace(tmp, path)
+
+
+def _file_mode(path: Path) -> int:
+    """The permissions ``path`` has, or a new file would get (``0o666`` less the umask)."""
+    try:
+        return path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        umask = os.umask(0o022)  # read it by setting it, then put it back at once
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def write_json_atomic(path: Path, value: Any) -> None:

@@ -471,6 +471,21 @@ def test_atomic_open_replaces_only_on_success(tmp_path: Path) -> None:
         f.write("half-writ")
         raise RuntimeError("interrupted")
     assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+    # new files: the umask's permissions, not mkstemp's owner-only; a replaced file keeps its own
+    old_umask = os.umask(0o027)
+    try:
+        with open(tmp_path / "plain", "w"):
+            pass
+        with atomic_open(tmp_path / "new.json") as f:
+            f.write("{}")
+    finally:
+        os.umask(old_umask)
+    modes = [(tmp_path / name).stat().st_mode & 0o777 for name in ("new.json", "plain")]
+    assert modes == [0o640, 0o640]
+    path.chmod(0o600)
+    with atomic_open(path) as f:
+        f.write("new")
+    assert path.stat().st_mode & 0o777 == 0o600
 
 
 def test_solve_difficulty_counts_agree_with_evaluation(
