@@ -109,7 +109,7 @@ def test_attacks_of_implicit_models_with_unconfirmed_white_box_flips_are_flagged
     """Attacks from before flips were confirmed on the evaluated model: the examples counted as not robust
     only through white-box flips bound how far robust accuracy may be understated, counted by hand."""
     from ode_bert.attack.runner import FLIPS_CONFIRMED
-    from ode_bert.experiments.report import unconfirmed_flips
+    from ode_bert.experiments.report import flips_by_source, unconfirmed_flips
 
     run_dir = _attacked(tmp_path, "im", 1, [1, 0, -1, -2])
     folder = run_dir / "attacks" / "sst2-pgd-l2"
@@ -125,6 +125,8 @@ def test_attacks_of_implicit_models_with_unconfirmed_white_box_flips_are_flagged
     # example 1 flips by white-box at 0.05 only; example 2 is flipped by unroll first; example 3 is wrong
     assert unconfirmed_flips(run_dir, "sst2", "pgd-l2") == [0, 1]
     assert unconfirmed_flips(run_dir, "sst2", "pgd-l2", examples=[0, 2, 3]) is None
+    # the first source to flip each correct example, per radius (example 2: unroll at 0.01, then white-box)
+    assert flips_by_source(run_dir, "sst2", "pgd-l2", [0, 1, 2, 3]) == {"unroll": [1, 0], "white-box": [0, 2]}
     write_json_atomic(folder / "config.json", {**settings, FLIPS_CONFIRMED: True})
     assert unconfirmed_flips(run_dir, "sst2", "pgd-l2") is None  # attacked with confirmation
 

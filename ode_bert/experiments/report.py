@@ -303,6 +303,47 @@ def unconfirmed_flips(
     return counts if any(counts) else None
 
 
+def flips_by_source(run_dir: Path, split: str, recipe: str, examples: list[int]) -> dict[str, list[int]]:
+    """PGD: per gradient source, how many of ``examples`` it flipped first at each grid radius (records'
+    ``flipped_by``); a source that flips little beside the others is one whose gradients mislead."""
+    import json
+
+    from ..attack.files import ATTACK_CONFIG_FILE, RECORDS_FILE, attack_folder, read_records
+
+    folder = attack_folder(run_dir, split, recipe)
+    radii = json.loads((folder / ATTACK_CONFIG_FILE).read_text())["radii"]
+    wanted = set(examples)
+    records = [r for r in read_records(folder / RECORDS_FILE) if r["index"] in wanted and r["clean_correct"]]
+    names = sorted({b for r in records for b in r["flipped_by"] if b is not None})
+    return {name: [sum(r["flipped_by"][k] == name for r in records) for k in range(len(radii))]
+            for name in names}  # fmt: skip
+
+
+def _source_lines(
+    run_dirs: list[Path], group: str, examples: list[int], split: str, config: Any
+) -> list[str]:
+    """Flips per gradient source, summed over the seeds of each variant of ``group`` that has several
+    sources (implicit layers: white-box, unroll, transfer), one line per variant."""
+    from ..attack.files import run_identity
+
+    totals: dict[str, dict[str, list[int]]] = {}
+    for run_dir in run_dirs:
+        run_group, variant, _ = run_identity(Path(run_dir))
+        if run_group != group:
+            continue
+        for name, counts in flips_by_source(Path(run_dir), split, config.recipe, examples).items():
+            mine = totals.setdefault(variant, {}).setdefault(name, [0] * len(counts))
+            totals[variant][name] = [a + b for a, b in zip(mine, counts)]
+    lines = []
+    radii = "/".join(f"{r:g}" for r in config.radii)
+    for variant, by_source in totals.items():
+        if len(by_source) > 1:
+            parts = ", ".join(f"{name} {'/'.join(map(str, c))}" for name, c in sorted(by_source.items()))
+            lines.append(f"Flipped first by each gradient source, {variant}, summed over seeds (radius "
+                         f"{radii}): {parts}.")  # fmt: skip
+    return [*lines, ""] if lines else []
+
+
 def format_attack_report(run_dirs: list[Path], config: Any, pairs: list[tuple[str, str]],
                          baseline: str = BASELINE, partial: bool = False) -> str:  # fmt: skip
     """Markdown tables of one attack over runs: per variant, mean ± std over seeds of every metric (clean,
@@ -341,6 +382,9 @@ def format_attack_report(run_dirs: list[Path], config: Any, pairs: list[tuple[st
                                                                     for s in shared])))  # fmt: skip
             lines.append(f"| {variant} | {len(runs)} | " + " | ".join(cells) + " |")
         lines.append("")
+        if config.is_pgd:
+            lines += _source_lines(run_dirs, group, entry["_examples"], resolve_split(task, config.split),
+                                   config)  # fmt: skip
         for a, b in pairs:
             if a not in entry or b not in entry:
                 continue
@@ -413,7 +457,7 @@ def format_attack_sections(results_paths: list[Path], records: list[dict[str, An
     import json
     from types import SimpleNamespace
 
-    from ..attack.files import ATTACK_CONFIG_FILE, ATTACKS_DIR, SUMMARY_FILE
+    from ..attack.files import ATTACK_CONFIG_FILE, ATTACKS_DIR, SUMMARY_FILE, attack_folder
 
     folders = record_run_folders(results_paths, records)
     attacks: dict[tuple[str, str], dict[str, list[Path]]] = {}
@@ -431,7 +475,9 @@ def format_attack_sections(results_paths: list[Path], records: list[dict[str, An
         missing = [d for d, g in groups.items() if g in attacked_groups and d not in finished + unfinished]
         parts.append(f"## Attack {recipe} on {split} ({ATTACKS_DIR}/{split}-{recipe} of the run folders)\n")
         if finished:
-            config = SimpleNamespace(split=split, recipe=recipe)
+            saved = json.loads((attack_folder(finished[0], split, recipe) / ATTACK_CONFIG_FILE).read_text())
+            config = SimpleNamespace(split=split, recipe=recipe, is_pgd="radii" in saved,
+                                     radii=saved.get("radii"))  # fmt: skip
             parts.append(format_attack_report(finished, config, pairs, baseline))
         for label, dirs in (("unfinished (no summary.json yet)", unfinished), ("not attacked", missing)):
             if dirs:
