@@ -351,17 +351,21 @@ def format_attack_report(run_dirs: list[Path], config: Any, pairs: list[tuple[st
     ``baseline`` with its 95% t interval; then for each pair ``A:B``, the difference paired by seed (t) and by
     example and seed (crossed bootstrap), and McNemar's test pooled over seeds and examples. ``partial``: an
     interim report of unfinished attacks, on the examples every run of a group has completed."""
+    from ..attack.files import SUMMARY_FILE, attack_folder, run_identity
     from ..attack.runner import resolve_split
     from ..train import read_train_config
 
     task = read_train_config(Path(run_dirs[0]))["task"]
-    outcomes = attack_outcomes(run_dirs, resolve_split(task, config.split), config.recipe, partial)
+    split = resolve_split(task, config.split)
+    outcomes = attack_outcomes(run_dirs, split, config.recipe, partial)
+    unfinished = [r for r in run_dirs
+                  if not (attack_folder(r, split, config.recipe) / SUMMARY_FILE).is_file()]  # fmt: skip
     lines = []
     for group, entry in outcomes.items():
         n = len(entry["_examples"])
         variants = sorted((v for v in entry if v != "_examples"), key=_variant_order)
         metrics = list(next(iter(entry[variants[0]].values())))
-        scope = " completed by every run (interim report)" if partial else ""
+        scope = " completed by every run (interim report)" if partial and unfinished else ""
         lines += [f"### {group}: {config.recipe}, {n} examples{scope} (scores in %)", "",
                   "| variant | seeds | " + " | ".join(f"{m} | Δ {m} vs {baseline}" for m in metrics) + " |",
                   "|---|---|" + "---|---|" * len(metrics)]  # fmt: skip
@@ -383,7 +387,7 @@ def format_attack_report(run_dirs: list[Path], config: Any, pairs: list[tuple[st
             lines.append(f"| {variant} | {len(runs)} | " + " | ".join(cells) + " |")
         lines.append("")
         if config.is_pgd:
-            lines += _source_lines(run_dirs, group, entry["_examples"], resolve_split(task, config.split),
+            lines += _source_lines(run_dirs, group, entry["_examples"], split,
                                    config)  # fmt: skip
         for a, b in pairs:
             if a not in entry or b not in entry:
@@ -406,9 +410,6 @@ def format_attack_report(run_dirs: list[Path], config: Any, pairs: list[tuple[st
                              f"{boot['ci_high']:+.2f}] | {test['only_a']} / {test['only_b']}, "
                              f"p = {test['p_value']:.3g} |")  # fmt: skip
             lines.append("")
-    split = resolve_split(task, config.split)
-    from ..attack.files import run_identity
-
     doubts = {Path(r): unconfirmed_flips(Path(r), split, config.recipe,
                                          outcomes[run_identity(Path(r))[0]]["_examples"]) for r in run_dirs}
     doubts = {r: counts for r, counts in doubts.items() if counts}
