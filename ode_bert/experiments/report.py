@@ -387,8 +387,7 @@ def format_attack_report(run_dirs: list[Path], config: Any, pairs: list[tuple[st
             lines.append(f"| {variant} | {len(runs)} | " + " | ".join(cells) + " |")
         lines.append("")
         if config.is_pgd:
-            lines += _source_lines(run_dirs, group, entry["_examples"], split,
-                                   config)  # fmt: skip
+            lines += _source_lines(run_dirs, group, entry["_examples"], split, config)
         for a, b in pairs:
             if a not in entry or b not in entry:
                 continue
