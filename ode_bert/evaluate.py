@@ -25,7 +25,7 @@ from .data import Example, load_advglue, load_clean_dev, stratified_subset
 from .encoding import Collator, EncodedDataset
 from .io import write_json_atomic
 from .pretrained import from_pretrained
-from .settings import CONFIG_KEY, SETTING_NAMES, ODESettings
+from .settings import CONFIG_KEY, METHOD_SETTINGS, SETTING_NAMES, ODESettings
 from .train import (
     CONFIG_FILE,
     MODEL_DIR,
@@ -152,7 +152,9 @@ def _score(
 def evaluation_settings(run_dir: str | Path, changes: Mapping[str, Any]) -> ODESettings:
     """The ODE settings a run was trained with, ``changes`` applied (settings such as ``tol``, ``max_iter``,
     ``root``, ``solver``; other keys are solver options such as ``compact_rows``); checked, so bad changes
-    fail before any work. A run without ODE layers (``bert``) is a ``ValueError``."""
+    fail before any work. With another ``solver``, the trained settings and options that method does not take
+    (an implicit solve's ``tol``, ``grad``, ... for ``euler``) are dropped. A run without ODE layers
+    (``bert``) is a ``ValueError``."""
     config_json = Path(run_dir) / MODEL_DIR / "config.json"
     try:
         stored = json.loads(config_json.read_text()).get(CONFIG_KEY)
@@ -167,8 +169,15 @@ def evaluation_settings(run_dir: str | Path, changes: Mapping[str, Any]) -> ODES
         raise ValueError(f"solver changes must be a non-empty mapping of settings, got {changes!r}")
     trained = ODESettings.from_dict(stored, str(config_json))
     fields = {k: v for k, v in changes.items() if k in SETTING_NAMES and k != "solver_options"}
+    kept = trained.solver_options
+    if fields.get("solver", trained.solver) != trained.solver:  # carry over only what the new method takes
+        import solvers
+
+        accepted = solvers.option_names(solvers.METHODS.lookup(fields["solver"]))
+        fields = {**{k: None for k in METHOD_SETTINGS if k not in accepted}, **fields}
+        kept = {k: v for k, v in kept.items() if k in accepted}
     options = {k: v for k, v in changes.items() if k not in SETTING_NAMES}
-    options = {**trained.solver_options, **changes.get("solver_options", {}), **options}
+    options = {**kept, **changes.get("solver_options", {}), **options}
     return dataclasses.replace(trained, **fields, solver_options=options)
 
 

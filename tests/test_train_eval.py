@@ -135,6 +135,16 @@ def test_train_and_evaluate_end_to_end(tiny_model: str, tmp_path: Path) -> None:
     assert tight["solver_changes"] == {"tol": 1e-6, "max_iter": 40}
     assert tight["advglue"]["solver"]["max_rel_residual"] <= 1e-6 < solver["max_rel_residual"]
     assert tight["advglue"]["solver"]["mean_iterations"] > solver["mean_iterations"]
+    # The explicit step on the trained weights: EX-BERT's computation (same step and field), by ex_bert
+    explicit = evaluate(run_dir, dev_samples=40, solver_changes={"solver": "euler"})
+    trained_model = ode_bert.from_pretrained(run_dir / "model", AutoModelForSequenceClassification)
+    ex_model = ode_bert.ex_bert(trained_model)
+    ex_predicted = predict(ex_model, AutoTokenizer.from_pretrained(run_dir / "model"),
+                           load_advglue("qqp", DATA_DIR)["qqp"], max_length=32)  # fmt: skip
+    saved = json.loads((run_dir / "evals" / "solver=\"euler\"" / "predictions.json").read_text())
+    assert saved["advglue"]["qqp"]["predictions"] == ex_predicted
+    assert explicit["solver_settings"]["solver"] == "euler" and explicit["solver_settings"]["tol"] is None
+    assert explicit["advglue"]["solver"]["mean_iterations"] == 0 < solver["mean_iterations"]  # no root solve
     for bad, named in (({"tol": "x"}, "tol"), ({"rootz": "anderson"}, "rootz"), ({}, "non-empty")):
         with pytest.raises((ValueError, TypeError), match=named):
             evaluate(run_dir, dev_samples=40, solver_changes=bad)
