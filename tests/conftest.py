@@ -26,3 +26,27 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     BertModel(config).save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
     return str(root / "model")
+
+
+class Interrupted(Exception):
+    """Stands in for a crash or Ctrl-C right after the first checkpoint of a training run is written."""
+
+
+@pytest.fixture
+def train_until_first_checkpoint(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201 - returns the runner
+    """``run(config)``: ``ode_bert.train(config)`` stopped right after it writes its first checkpoint."""
+    from ode_bert import train as train_module
+
+    def run(config: object) -> None:
+        real_save = train_module.save_checkpoint
+
+        def save_then_crash(path: object, state: dict) -> None:
+            real_save(path, state)
+            raise Interrupted
+
+        with monkeypatch.context() as patch:
+            patch.setattr(train_module, "save_checkpoint", save_then_crash)
+            with pytest.raises(Interrupted):
+                train_module.train(config)
+
+    return run

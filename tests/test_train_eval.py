@@ -8,6 +8,7 @@ import os
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -158,25 +159,11 @@ def test_train_and_evaluate_end_to_end(tiny_model: str, tmp_path: Path) -> None:
     assert again == predictions["advglue"]["qqp"]["predictions"]
 
 
-class Interrupted(Exception):
-    """Stands in for a crash or Ctrl-C right after the first checkpoint is written."""
-
-
 def test_resume_after_interruption_matches_uninterrupted_run(
-    tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_model: str, tmp_path: Path, train_until_first_checkpoint: Callable[[TrainConfig], None]
 ) -> None:
     straight = train(_config(tiny_model, tmp_path / "straight", epochs=2))
-
-    real_save = train_module.save_checkpoint
-
-    def save_then_crash(path: Path, state: dict) -> None:
-        real_save(path, state)
-        raise Interrupted
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)
-    with pytest.raises(Interrupted):
-        train(_config(tiny_model, tmp_path / "resumed", epochs=2))
-    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    train_until_first_checkpoint(_config(tiny_model, tmp_path / "resumed", epochs=2))
     checkpoint = train_module.load_checkpoint(tmp_path / "resumed" / "checkpoint.safetensors")
     assert checkpoint["epoch"] == 0 and not (tmp_path / "resumed" / "model").exists()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -266,15 +267,11 @@ def test_bad_input_is_refused() -> None:
     TrainConfig(variant="ode", solver="trapezoid", warm_start=True).validate()
 
 
-class Interrupted(Exception):
-    """Stands in for a crash right after the first checkpoint is written."""
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not DATA_DIR.is_dir(), reason="shared data directory not present")
 @pytest.mark.filterwarnings("ignore::solvers.ConvergenceWarning")
 def test_resumed_warm_started_run_equals_the_uninterrupted_one(
-    tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_model: str, tmp_path: Path, train_until_first_checkpoint: Callable[[TrainConfig], None]
 ) -> None:
     def config(out: str, **changes: object) -> TrainConfig:
         settings: dict[str, object] = {
@@ -290,16 +287,7 @@ def test_resumed_warm_started_run_equals_the_uninterrupted_one(
     assert [(h["warm_start"]["warm"], h["warm_start"]["cold"]) for h in history] == [(0, 32), (32, 0)]
     assert history[1]["warm_start"]["examples"] == 16 and history[1]["warm_start"]["bytes"] > 0
 
-    real_save = train_module.save_checkpoint
-
-    def save_then_crash(path: Path, state: dict) -> None:
-        real_save(path, state)
-        raise Interrupted
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)
-    with pytest.raises(Interrupted):
-        train(config("resumed"))
-    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    train_until_first_checkpoint(config("resumed"))
     saved = train_module.load_checkpoint(tmp_path / "resumed" / "checkpoint.safetensors")["warm_start"]
     assert saved["index"].shape == (32, 3) and saved["data"].dtype == torch.float16
     with pytest.raises(ValueError, match=r"settings differ .*\['warm_start'\]"):
