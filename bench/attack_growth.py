@@ -17,7 +17,9 @@ Writes into ``--out``: ``points.json`` (the points, correlations, settings, mach
 ``table.md`` and ``growth_vs_robust@<radius>.png``, atomically; per run ``runs/<group>--<run>.json`` (the
 per-example growth), which a rerun with the same settings, examples and model weights reuses. A run
 without a finished attack is refused before any work (``--skip-unattacked``: skipped, said on stderr and
-listed in ``points.json``). Progress (one line per chunk) goes to stderr.
+listed in ``points.json``). ``--partial`` takes unfinished attacks too: every run is cut to the examples all
+of them have completed (the first ``n`` of the same example order) and its robust accuracy recomputed on them,
+as ``ode-bert attack --report-only`` does. Progress (one line per chunk) goes to stderr.
 """
 
 from __future__ import annotations
@@ -40,12 +42,20 @@ class Refused(ValueError):
     """A run folder or option the measurement cannot use (said before any work)."""
 
 
-def _attack(run_dir: Path, recipe: str, split: str) -> tuple[Path, dict[str, Any], list[dict[str, Any]]]:
+def _attack(
+    run_dir: Path, recipe: str, split: str, partial: bool = False
+) -> tuple[Path, dict[str, Any], list[dict[str, Any]]]:
     """(folder, summary, records) of the finished ``recipe`` attack of ``run_dir``; ``Refused`` if it is not
-    there or not finished."""
+    there or not finished. ``partial``: an unfinished one too, summarized from its complete chunks."""
     import json
 
-    from ode_bert.attack.files import RECORDS_FILE, SUMMARY_FILE, attack_folder, read_records
+    from ode_bert.attack.files import (
+        ATTACK_CONFIG_FILE,
+        RECORDS_FILE,
+        SUMMARY_FILE,
+        attack_folder,
+        read_records,
+    )
     from ode_bert.attack.runner import resolve_split
     from ode_bert.train import RunDirError, read_train_config
 
@@ -56,6 +66,12 @@ def _attack(run_dir: Path, recipe: str, split: str) -> tuple[Path, dict[str, Any
     except RunDirError as err:
         raise Refused(str(err)) from None
     folder = attack_folder(run_dir, resolve_split(task, split), recipe)
+    if partial and not (folder / SUMMARY_FILE).is_file() and (folder / ATTACK_CONFIG_FILE).is_file():
+        records = read_records(folder / RECORDS_FILE)
+        if not records:
+            raise Refused(f"{run_dir}: its {recipe} attack has no complete chunk yet ({folder})")
+        settings = json.loads((folder / ATTACK_CONFIG_FILE).read_text())
+        return folder, _summary(records, settings), records
     if not (folder / SUMMARY_FILE).is_file():
         state = "unfinished (records but no summary yet)" if (folder / RECORDS_FILE).is_file() else "not run"
         raise Refused(
@@ -67,6 +83,17 @@ def _attack(run_dir: Path, recipe: str, split: str) -> tuple[Path, dict[str, Any
     if len(records) != summary["n"]:
         raise Refused(f"{folder}: {len(records)} records but the summary counts {summary['n']}")
     return folder, summary, records
+
+
+def _summary(records: list[dict[str, Any]], settings: dict[str, Any]) -> dict[str, Any]:
+    """An attack's summary of ``records`` (as ``summary.json`` holds it), from its saved ``settings``."""
+    import dataclasses
+
+    from ode_bert.attack.runner import AttackConfig, summarize_records
+
+    names = {f.name for f in dataclasses.fields(AttackConfig)}
+    config = AttackConfig(**{k: v for k, v in settings.items() if k in names})
+    return {**summarize_records(records, config), "settings": settings}
 
 
 def _chunks(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
@@ -323,6 +350,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip (and list) runs without a finished attack instead of refusing them",
     )
+    parser.add_argument(
+        "--partial",
+        action="store_true",
+        help="take unfinished attacks too, every run cut to the examples all runs have completed",
+    )
     parser.add_argument("--data-dir", help="data directory (default: the run's, or ODE_BERT_DATA_DIR)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     return parser
@@ -339,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         attacked, skipped = [], []
         for run_dir in args.run_dirs:
             try:
-                attacked.append((run_dir, *_attack(run_dir, args.recipe, args.split)))
+                attacked.append((run_dir, *_attack(run_dir, args.recipe, args.split, args.partial)))
             except Refused as err:
                 if not args.skip_unattacked:
                     raise Refused(f"{err} (or pass --skip-unattacked)") from None
@@ -347,6 +379,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                 skipped.append({"run": str(run_dir), "reason": str(err)})
         if not attacked:
             raise Refused("no run folder has a finished attack")
+        if args.partial:  # every run cut to the examples all have completed, its summary recomputed on them
+            n = min(len(records) for _, _, _, records in attacked)
+            attacked = [
+                (run_dir, folder, _summary(records[:n], summary["settings"]), records[:n])
+                for run_dir, folder, summary, records in attacked
+            ]
         first = attacked[0]
         for run_dir, folder, summary, records in attacked[1:]:
             if (
@@ -406,9 +444,12 @@ def run(
         "points": points,
         "correlations": rows,
         "skipped": skipped,
+        "partial": args.partial,
     }
     write_json_atomic(args.out / "points.json", payload)
     text = format_tables(points, rows)
+    if args.partial:
+        text = f"Interim (--partial): each run cut to its first {points[0]['n']} attacked examples.\n\n{text}"
     if len(points) < 3:
         text += "\nFewer than 3 runs: no correlation.\n"
     with atomic_open(args.out / "table.md") as f:

@@ -173,3 +173,39 @@ def test_bench_measures_attacked_runs_on_their_examples_and_refuses_unattacked_o
     assert (out / "growth_vs_robust@0.05.png").stat().st_size > 0
     assert not (out / "growth_vs_robust@0.01.png").exists()  # constant robust accuracy: no correlation
     assert "| growth | robust@0.01 | 3 | constant values: undefined |" in (out / "table.md").read_text()
+
+
+@needs_data
+def test_partial_cuts_every_run_to_the_examples_all_completed(tiny_model: str, tmp_path: Path) -> None:
+    """``--partial``: an unfinished attack (its complete chunks: the first 4 of 5 examples) is measured beside
+    a finished one, both cut to those 4 examples and scored on them; without it the unfinished run is
+    refused."""
+    robust, flipped = (True, [None, None], None), (True, [None, "white-box"], 0.03)
+    grid = tmp_path / "grid"
+    finished = _attacked_run(grid, tiny_model, "bert", 1, [robust, robust, flipped, robust, flipped])
+    unfinished = _attacked_run(grid, tiny_model, "ex", 1, [flipped, robust, robust, robust, robust])
+    folder = unfinished / "attacks" / "sst2-pgd-l2"
+    settings = json.loads((folder / "summary.json").read_text())["settings"]
+    (folder / "summary.json").unlink()
+    write_json_atomic(folder / "config.json", settings)
+    lines = (folder / "records.jsonl").read_text().splitlines()
+    (folder / "records.jsonl").write_text("\n".join(lines[:4]) + "\n" + lines[4][:20])  # a torn last line
+
+    out = tmp_path / "growth"
+    argv = [str(finished), str(unfinished), "--out", str(out), "--tol", "1e-3"]
+    with pytest.raises(SystemExit):
+        attack_growth.main(argv)
+    attack_growth.main([*argv, "--partial"])
+    result = json.loads((out / "points.json").read_text())
+    assert result["partial"] and [p["n"] for p in result["points"]] == [4, 4]
+    assert [p["robust_accuracy"] for p in result["points"]] == [[100.0, 75.0], [100.0, 75.0]]
+    examples = data.load_clean_dev("sst2", DATA_DIR)["sst2"]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = ode_bert.from_pretrained(finished / "model", BertForSequenceClassification).eval()
+    growth = []
+    for chunk in ([3, 10], [17, 4]):  # the first two chunks of the attack
+        texts = [examples[i].text_a for i in chunk]
+        inputs = dict(tokenizer(texts, padding=True, truncation=True, max_length=16, return_tensors="pt"))
+        growth += initial_value_growth(model, inputs, tol=1e-3, max_iterations=50).growth.tolist()
+    assert result["points"][0]["growth"] == pytest.approx(float(np.median(growth)), rel=1e-9)
+    assert "Interim (--partial): each run cut to its first 4" in (out / "table.md").read_text()

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -41,24 +42,14 @@ def _config(tiny_model: str, out: Path, **overrides: object) -> TrainConfig:
     return TrainConfig(**settings)  # type: ignore[arg-type]
 
 
-class Interrupted(Exception):
-    """Stands in for a crash right after the first checkpoint is written."""
-
-
 def _interrupted_run(
-    tiny_model: str, out: Path, monkeypatch: pytest.MonkeyPatch, **overrides: object
+    tiny_model: str,
+    out: Path,
+    train_until_first_checkpoint: Callable[[TrainConfig], None],
+    **overrides: object,
 ) -> Path:
     """A two-epoch run stopped right after its first checkpoint."""
-    real_save = train_module.save_checkpoint
-
-    def save_then_crash(path: Path, state: dict) -> None:
-        real_save(path, state)
-        raise Interrupted
-
-    with monkeypatch.context() as patch:
-        patch.setattr(train_module, "save_checkpoint", save_then_crash)
-        with pytest.raises(Interrupted):
-            train(_config(tiny_model, out, epochs=2, **overrides))
+    train_until_first_checkpoint(_config(tiny_model, out, epochs=2, **overrides))
     assert (out / "checkpoint.safetensors").is_file()
     return out
 
@@ -74,7 +65,7 @@ class Payload:
 
 
 def test_crafted_pickle_checkpoint_is_refused_and_never_runs(
-    tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_model: str, tmp_path: Path, train_until_first_checkpoint: Callable[[TrainConfig], None]
 ) -> None:
     marker = tmp_path / "payload-ran"
     buffer = io.BytesIO()
@@ -84,7 +75,7 @@ def test_crafted_pickle_checkpoint_is_refused_and_never_runs(
     assert marker.is_file()
     marker.unlink()
 
-    run = _interrupted_run(tiny_model, tmp_path / "run", monkeypatch)
+    run = _interrupted_run(tiny_model, tmp_path / "run", train_until_first_checkpoint)
     (run / "checkpoint.pt").write_bytes(crafted)  # as a checkpoint in the pickle format of earlier versions
     with pytest.raises(
         RunDirError, match=r"checkpoint\.pt is a checkpoint in the pickle format .* not loaded"
@@ -102,12 +93,12 @@ def test_crafted_pickle_checkpoint_is_refused_and_never_runs(
 
 
 def test_checkpoint_is_safetensors_with_json_state(
-    tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_model: str, tmp_path: Path, train_until_first_checkpoint: Callable[[TrainConfig], None]
 ) -> None:
     """Tensors in safetensors, the rest JSON in its header; it round-trips the RNG states exactly."""
     from safetensors import safe_open
 
-    run = _interrupted_run(tiny_model, tmp_path / "run", monkeypatch)
+    run = _interrupted_run(tiny_model, tmp_path / "run", train_until_first_checkpoint)
     with safe_open(str(run / "checkpoint.safetensors"), framework="pt") as f:
         metadata = f.metadata()
         keys = set(f.keys())
@@ -138,9 +129,9 @@ def test_checkpoint_is_safetensors_with_json_state(
 
 
 def test_damaged_checkpoint_is_named_with_a_way_out(
-    tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_model: str, tmp_path: Path, train_until_first_checkpoint: Callable[[TrainConfig], None]
 ) -> None:
-    run = _interrupted_run(tiny_model, tmp_path / "run", monkeypatch)
+    run = _interrupted_run(tiny_model, tmp_path / "run", train_until_first_checkpoint)
     checkpoint = run / "checkpoint.safetensors"
     config_before = (run / "train_config.json").read_bytes()
     checkpoint.write_bytes(checkpoint.read_bytes()[:-100])  # truncated
@@ -149,7 +140,7 @@ def test_damaged_checkpoint_is_named_with_a_way_out(
     assert (run / "train_config.json").read_bytes() == config_before and not (run / "model").exists()
 
     # a checkpoint of another run (other settings) copied in is refused too
-    other = _interrupted_run(tiny_model, tmp_path / "other", monkeypatch, lr=5e-4)
+    other = _interrupted_run(tiny_model, tmp_path / "other", train_until_first_checkpoint, lr=5e-4)
     shutil.copy(other / "checkpoint.safetensors", checkpoint)
     with pytest.raises(RunDirError, match=r"belongs to a run with other settings \(differing: \['lr'\]\)"):
         train(_config(tiny_model, run, epochs=2, resume=True))
@@ -160,9 +151,9 @@ def test_damaged_checkpoint_is_named_with_a_way_out(
 
 
 def test_resume_without_saved_settings_is_refused(
-    tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_model: str, tmp_path: Path, train_until_first_checkpoint: Callable[[TrainConfig], None]
 ) -> None:
-    run = _interrupted_run(tiny_model, tmp_path / "run", monkeypatch)
+    run = _interrupted_run(tiny_model, tmp_path / "run", train_until_first_checkpoint)
     (run / "train_config.json").unlink()
     for resume in (True, False):
         with pytest.raises(
