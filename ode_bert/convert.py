@@ -568,10 +568,11 @@ def im_bert(model: nn.Module, **changes: Any) -> nn.Module:
     """IM-BERT: implicit Euler IM-connections, ``h_next = h + step * f(h_next)``, on the selected layers.
 
     ``convert(model, ODESettings.preset("im", **changes))``: by default ``f = Layer(h) - h`` with step 0.5 on
-    every layer, solved to relative residual 1e-4 in at most 20 iterations (``field="layer"``, ``f =
-    Layer(h)``, is the connection as drawn in the paper); defaults chosen on held-out data, see
-    ``ode_bert.settings.PRESETS``. ``changes`` are settings (``layers``, ``step``, ``root``, ``tol=None``
-    for the solver's default, ...) or solver options (e.g. ``on_failure="raise"``).
+    every layer, solved to relative residual 1e-2 (1e-4 before ode-bert 0.2.0) in at most 20 iterations
+    (``field="layer"``, ``f = Layer(h)``, is the connection as drawn in the paper); defaults chosen on
+    held-out data and by cost, see ``ode_bert.settings.PRESETS``. ``changes`` are settings (``layers``,
+    ``step``, ``root``, ``tol=None`` for the solver's default, ...) or solver options (e.g.
+    ``on_failure="raise"``).
     """
     return _convert_preset(model, "im", changes)
 

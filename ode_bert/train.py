@@ -48,12 +48,20 @@ from transformers import get_linear_schedule_with_warmup, set_seed
 
 from solvers import ConvergenceWarning
 
-from .convert import convert, solver_stats
+from .convert import CONFIG_KEY, convert, ode_config, solver_stats
 from .data import Example, check_data, get_task, holdout_split, load_train, stratified_subset
 from .encoding import Collator, EncodedDataset
 from .io import atomic_open, write_json_atomic
+from .layers import parse_layers
 from .pretrained import load_model
-from .settings import SETTING_NAMES, ODESettings, OptionalSettings, settings_for_variant
+from .settings import (
+    IM_BERT_TOL_BEFORE_0_2,
+    SETTING_NAMES,
+    VARIANT_PRESETS,
+    ODESettings,
+    OptionalSettings,
+    settings_for_variant,
+)
 from .warm_start import WarmStartStore
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -425,9 +433,52 @@ def _run_files(run_dir: Path) -> list[str]:
     return names + ([f"{MODEL_DIR}/"] if (run_dir / MODEL_DIR).exists() else [])
 
 
+def conversion_changes(
+    made_with: dict[str, Any] | None,
+    now: dict[str, Any] | None,
+    num_layers: int,
+    source: str = "model.config",
+) -> list[str]:
+    """``"setting: then -> now"`` for each conversion setting in which a run or checkpoint made earlier
+    (``made_with``, its stored ``model.config.ode_bert``, read from ``source``) differs from what its training
+    settings resolve to now (``now``, ``ODESettings.to_dict``): a default changed in between, as im_bert's
+    tolerance did in 0.2.0. Layer strings (``"all"``) are resolved for a model of ``num_layers`` layers."""
+    if made_with is None or now is None:
+        solvers = [d["solver"] if d else "none (the stock model)" for d in (made_with, now)]
+        return [] if made_with is now else [f"conversion: {solvers[0]} -> {solvers[1]}"]
+    then = ODESettings.from_dict(made_with, source).to_dict()
+    then["layers"] = parse_layers(then["layers"], num_layers)
+    now = {**now, "layers": parse_layers(now["layers"], num_layers)}
+    keys = sorted((set(then) | set(now)) - {"version"})
+    return [f"{k}: {then.get(k)!r} -> {now.get(k)!r}" for k in keys if then.get(k) != now.get(k)]
+
+
+def _model_layer_count(model_dir: Path, stored: dict[str, Any]) -> int:
+    """The number of layers of a saved model (its config.json), for resolving ``"all"``."""
+    from transformers import AutoConfig
+
+    try:
+        return int(AutoConfig.from_pretrained(model_dir).num_hidden_layers)
+    except (OSError, ValueError, AttributeError, TypeError):  # an unknown family: the stored indices' range
+        return max(stored["layers"], default=-1) + 1
+
+
+def _conversion_refusal(where: Path, changes: list[str]) -> str:
+    return (
+        f"{where} was made with other solver settings than this run's settings resolve to now "
+        f"({'; '.join(changes)}); where a run left them to the defaults, those may have changed since "
+        "(im_bert's tolerance: 1e-4 before ode-bert 0.2.0, 1e-2 since). To reuse or resume it, give the "
+        "settings it was made with (e.g. --tol 0.0001; in an experiment --set '{\"tol\": 0.0001}'), or "
+        "make it again in a new folder"
+    )
+
+
 def check_run_dir(run_dir: Path, config: TrainConfig) -> None:
     """Refuse to overwrite another run, or to resume (or reuse) a run whose saved settings are missing,
-    damaged or differ from ``config``. Writes nothing."""
+    damaged or differ from ``config``. The solver settings of a finished run are judged by the conversion its
+    model was made with (``conversion_changes``): ``tol`` left to the default and ``tol=1e-4`` given now
+    are the same for a run trained before 0.2.0, different for one trained since. A checkpoint's are judged
+    when it is loaded (``_restore``). Writes nothing."""
     run_dir = Path(run_dir)
     _check_output_dir(run_dir)
     present = _run_files(run_dir) if run_dir.is_dir() else []
@@ -445,8 +496,22 @@ def check_run_dir(run_dir: Path, config: TrainConfig) -> None:
             f"{run_dir} already holds a run; pass resume=True (--resume) or another output dir"
         )
     differing = settings_differ(read_train_config(run_dir), config)
+    if is_complete(run_dir) or CHECKPOINT in present:  # its solver settings: judged by the conversion it used
+        differing = [k for k in differing if k not in SETTING_NAMES]
     if differing:
         raise RunDirError(f"cannot resume {run_dir}: settings differ from the saved run in {differing}")
+    if is_complete(run_dir):
+        model_config = run_dir / MODEL_DIR / "config.json"
+        try:
+            stored = json.loads(model_config.read_text(encoding="utf-8")).get(CONFIG_KEY)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
+            raise RunDirError(f"{model_config} is damaged ({err}); make the run again elsewhere") from err
+        settings = config.settings()
+        layers = _model_layer_count(run_dir / MODEL_DIR, stored) if stored else 0
+        wanted = None if settings is None else settings.to_dict()
+        changes = conversion_changes(stored, wanted, layers, str(model_config))
+        if changes:
+            raise RunDirError(_conversion_refusal(run_dir, changes))
     if LEGACY_CHECKPOINT in present:
         raise RunDirError(
             f"{run_dir / LEGACY_CHECKPOINT} is a checkpoint in the pickle format of earlier ode-bert "
@@ -682,6 +747,7 @@ def train(config: TrainConfig) -> Path:
                     "epoch": epoch,
                     "history": history,
                     "config": config.to_json(),
+                    "conversion": ode_config(accelerator.unwrap_model(model)),
                     **({} if store is None else {"warm_start": store.state_dict()}),
                 },
             )
@@ -718,10 +784,16 @@ def _restore(
     of other settings or of another model."""
     saved = state.get("config")
     differing = settings_differ(saved, config) if isinstance(saved, dict) else ["config (not recorded)"]
+    differing = [k for k in differing if k not in SETTING_NAMES]  # judged by the conversion, below
     if differing:
         raise RunDirError(
             f"{path} belongs to a run with other settings (differing: {differing}); " + _recovery(path.parent)
         )
+    now = ode_config(model)
+    made_with = state["conversion"] if "conversion" in state else _conversion_before_0_2(saved)
+    changes = conversion_changes(made_with, now, len(now["layers"]) if now else 0, str(path))
+    if changes:
+        raise RunDirError(_conversion_refusal(path, changes))
     epoch = state["epoch"]
     if not isinstance(epoch, int) or not 0 <= epoch < config.epochs:
         raise RunDirError(f"{path}: epoch {epoch!r} is not one of this run's; " + _recovery(path.parent))
@@ -736,6 +808,16 @@ def _restore(
         raise RunDirError(
             f"{path} does not fit this run's model or optimizer ({err}); " + _recovery(path.parent)
         ) from err
+
+
+def _conversion_before_0_2(saved: dict[str, Any]) -> dict[str, Any] | None:
+    """The conversion of a checkpoint written before ode-bert 0.2.0, which does not record it: its saved
+    settings resolved with the defaults of then (im_bert's tolerance 1e-4 where they left it)."""
+    given = {k: saved.get(k) for k in SETTING_NAMES}
+    if VARIANT_PRESETS[saved["variant"]] == "im" and given["tol"] is None:
+        given["tol"] = IM_BERT_TOL_BEFORE_0_2
+    settings = settings_for_variant(saved["variant"], **given)
+    return None if settings is None else settings.to_dict()
 
 
 EXAMPLE_IDS = "example_ids"  # the batch entry holding each row's index in the training examples

@@ -28,7 +28,7 @@ from ode_bert.attack.embedding import (
     reference_scale,
 )
 from ode_bert.attack.files import read_records
-from ode_bert.attack.runner import AttackConfig, attack_run
+from ode_bert.attack.runner import AttackConfig, attack_run, find_twin
 from ode_bert.attack.text import WordNet, char_transformations, deepwordbug, levenshtein, pwws, words
 from ode_bert.evaluate import predict
 from ode_bert.experiments.report import format_attack_report
@@ -294,6 +294,21 @@ def test_pgd_run_folder_radius_zero_monotone_transfer_unroll_and_resume(
     assert read_records(records_path) == records
     assert resumed["robust_accuracy"] == uninterrupted["robust_accuracy"]
     assert resumed["costs"]["forwards"] == uninterrupted["costs"]["forwards"]  # both chunks' costs counted
+
+
+def test_twin_saved_before_a_later_setting_is_still_found(tmp_path: Path) -> None:
+    """An EX run whose train_config.json predates ``warm_start`` (no such key) is the twin of an IM run saved
+    with it; one of another seed is not."""
+    runs = {}
+    for name, variant, seed in (("im-seed1", "im", 1), ("ex-seed1", "ex", 1), ("ex-seed2", "ex", 2)):
+        runs[name] = tmp_path / name
+        (runs[name] / "model").mkdir(parents=True)
+        (runs[name] / "model" / "config.json").write_text("{}")
+        saved = TrainConfig(task="sst2", variant=variant, seed=seed, output_dir=str(runs[name])).to_json()
+        if variant == "ex":
+            del saved["warm_start"]  # as runs made before warm starts existed saved it
+        write_json_atomic(runs[name] / "train_config.json", saved)
+    assert find_twin(runs["im-seed1"]) == runs["ex-seed1"]
 
 
 def _copy_run(source: Path, target: Path) -> None:

@@ -27,6 +27,7 @@ from ode_bert import train as train_module
 from ode_bert.compare import compare
 from ode_bert.data import DataError
 from ode_bert.evaluate import evaluate
+from ode_bert.io import write_json_atomic
 from ode_bert.train import RunDirError, TrainConfig, train
 
 DATA_DIR = Path(os.environ.get(data.DATA_DIR_ENV) or Path(__file__).resolve().parents[1] / "../shared/data")
@@ -170,6 +171,47 @@ def test_resume_without_saved_settings_is_refused(
     (finished / "model").mkdir(parents=True)
     with pytest.raises(RunDirError, match=r"model/\) but no train_config\.json"):
         train(_config(tiny_model, finished, resume=True))
+
+
+def _as_before_0_2(run: Path) -> None:
+    """Rewrite a run's saved settings (and checkpoint) as ode-bert wrote them before 0.2.0 for a run that
+    left the tolerance to im_bert's default of then, 1e-4: ``tol`` null, no recorded conversion."""
+    path = run / "train_config.json"
+    write_json_atomic(path, {**json.loads(path.read_text()), "tol": None})
+    checkpoint = run / "checkpoint.safetensors"
+    if checkpoint.is_file():
+        state = train_module.load_checkpoint(checkpoint)
+        assert state["conversion"]["tol"] == 1e-4  # recorded since 0.2.0
+        del state["conversion"]
+        state["config"]["tol"] = None
+        train_module.save_checkpoint(checkpoint, state)
+
+
+@pytest.mark.filterwarnings("ignore::solvers.ConvergenceWarning")
+def test_runs_made_under_an_earlier_default_are_judged_by_what_they_computed(
+    tiny_model: str, tmp_path: Path, train_until_first_checkpoint: Callable[[TrainConfig], None]
+) -> None:
+    """im_bert's tolerance was 1e-4 before 0.2.0 and is 1e-2 since: a finished run or a checkpoint made then
+    with the default is not reused or resumed under today's default (the error names the change and the
+    way out), and is when given the tolerance it was made with."""
+    im = {"variant": "im", "max_iter": 30}
+    finished = tmp_path / "finished"
+    train(_config(tiny_model, finished, tol=1e-4, **im))
+    _as_before_0_2(finished)
+    with pytest.raises(RunDirError, match=r"tol: 0\.0001 -> 0\.01.*--tol 0\.0001"):
+        train(_config(tiny_model, finished, resume=True, **im))
+    assert train(_config(tiny_model, finished, tol=1e-4, resume=True, **im)) == finished  # reused as it is
+
+    run = _interrupted_run(tiny_model, tmp_path / "run", train_until_first_checkpoint, tol=1e-4, **im)
+    _as_before_0_2(run)
+    # the checkpoint's settings are judged when it is loaded: a tolerance spelled otherwise is not refused
+    # before, and the conversion it was made with then decides
+    with pytest.raises(RunDirError, match=r"checkpoint\.safetensors was made with .*tol: 0\.0001 -> 0\.01"):
+        train(_config(tiny_model, run, epochs=2, resume=True, **im))
+    train(_config(tiny_model, run, epochs=2, tol=1e-4, resume=True, **im))
+    assert len(json.loads((run / "train_history.json").read_text())) == 2
+    with pytest.raises(RunDirError, match=r"settings differ from the saved run in \['lr'\]"):
+        train(_config(tiny_model, run, epochs=2, tol=1e-4, lr=5e-4, resume=True, **im))
 
 
 def test_damaged_run_files_fail_evaluation_by_name(tiny_model: str, tmp_path: Path) -> None:

@@ -35,7 +35,15 @@ from solvers import ConvergenceWarning
 from ..data import Example, get_task, load_clean_dev
 from ..evaluate import DEV_SUBSET_SEED, _load_run_model
 from ..io import atomic_open, exclusive, write_json_atomic
-from ..train import CONFIG_FILE, MODEL_DIR, RunDirError, SolveTally, TrainConfig, read_train_config
+from ..train import (
+    CONFIG_FILE,
+    LATER_SETTINGS,
+    MODEL_DIR,
+    RunDirError,
+    SolveTally,
+    TrainConfig,
+    read_train_config,
+)
 from . import RECIPES
 from .embedding import (
     GradientSource,
@@ -179,7 +187,7 @@ def find_twin(run_dir: str | Path) -> Path | None:
     and field, and every other training setting equal (seed, data, epochs, ...); ``None`` if there is none.
     Two candidates are an error naming them."""
     run_dir = Path(run_dir)
-    config = read_train_config(run_dir)
+    config = {**LATER_SETTINGS, **read_train_config(run_dir)}
     settings = TrainConfig(**config).settings()
     if settings is None:
         return None
@@ -189,7 +197,7 @@ def find_twin(run_dir: str | Path) -> Path | None:
             continue
         if not (sibling / MODEL_DIR / "config.json").is_file():
             continue
-        other = read_train_config(sibling)
+        other = {**LATER_SETTINGS, **read_train_config(sibling)}  # a run saved before a setting existed
         if other.get("variant") != "ex":
             continue
         if any(
