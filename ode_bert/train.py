@@ -52,7 +52,7 @@ from .convert import CONFIG_KEY, convert, ode_config, solver_stats
 from .data import Example, check_data, get_task, holdout_split, load_train, stratified_subset
 from .encoding import Collator, EncodedDataset
 from .io import atomic_open, write_json_atomic
-from .layers import parse_layers
+from .layers import find_layers, parse_layers
 from .pretrained import load_model
 from .settings import (
     IM_BERT_TOL_BEFORE_0_2,
@@ -444,8 +444,8 @@ def conversion_changes(
     settings resolve to now (``now``, ``ODESettings.to_dict``): a default changed in between, as im_bert's
     tolerance did in 0.2.0. Layer strings (``"all"``) are resolved for a model of ``num_layers`` layers."""
     if made_with is None or now is None:
-        solvers = [d["solver"] if d else "none (the stock model)" for d in (made_with, now)]
-        return [] if made_with is now else [f"conversion: {solvers[0]} -> {solvers[1]}"]
+        names = [d["solver"] if d else "none (the stock model)" for d in (made_with, now)]
+        return [] if made_with is now else [f"conversion: {names[0]} -> {names[1]}"]
     then = ODESettings.from_dict(made_with, source).to_dict()
     then["layers"] = parse_layers(then["layers"], num_layers)
     now = {**now, "layers": parse_layers(now["layers"], num_layers)}
@@ -791,7 +791,7 @@ def _restore(
         )
     now = ode_config(model)
     made_with = state["conversion"] if "conversion" in state else _conversion_before_0_2(saved)
-    changes = conversion_changes(made_with, now, len(now["layers"]) if now else 0, str(path))
+    changes = conversion_changes(made_with, now, len(find_layers(model)) if now else 0, str(path))
     if changes:
         raise RunDirError(_conversion_refusal(path, changes))
     epoch = state["epoch"]
