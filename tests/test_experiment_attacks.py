@@ -12,6 +12,7 @@ import pytest
 from scipy import stats
 
 from ode_bert import cli
+from ode_bert.attack.files import FLIPS_CONFIRMED
 from ode_bert.attack.runner import AttackConfig, summarize_records
 from ode_bert.experiments.records import append_record
 from ode_bert.io import atomic_open, write_json_atomic
@@ -74,6 +75,8 @@ def test_experiment_report_adds_attack_columns_and_refuses_unpaired_attacks(
     _attacked(out, "ex", 1, [1, 0, 0, -2])  # 3, 1
     _attacked(out, "ex", 2, [1, 1, 1, 1], finished=False)
     _attacked(out, "im", 3, None)
+    confirmed = out / GROUP / "im-seed2" / "attacks" / "sst2-pgd-l2" / "config.json"
+    write_json_atomic(confirmed, {**json.loads(confirmed.read_text()), FLIPS_CONFIRMED: True})  # pairs still
     results = str(out / "results.jsonl")
     assert cli.main(["experiment", "--report", results, "--pairs", "im:ex"]) == 0
     report = capsys.readouterr().out
@@ -108,7 +111,6 @@ def test_experiment_report_adds_attack_columns_and_refuses_unpaired_attacks(
 def test_attacks_of_implicit_models_with_unconfirmed_white_box_flips_are_flagged(tmp_path: Path) -> None:
     """Attacks from before flips were confirmed on the evaluated model: the examples counted as not robust
     only through white-box flips bound how far robust accuracy may be understated, counted by hand."""
-    from ode_bert.attack.runner import FLIPS_CONFIRMED
     from ode_bert.experiments.report import flips_by_source, unconfirmed_flips
 
     run_dir = _attacked(tmp_path, "im", 1, [1, 0, -1, -2])

@@ -14,6 +14,8 @@ COSTS_FILE = "costs.jsonl"
 SUMMARY_FILE = "summary.json"
 ATTACK_CONFIG_FILE = "config.json"
 PLOT_FILE = "robust_accuracy.png"
+# PGD settings key: every flip counted was confirmed on the evaluated model (embedding.pgd)
+FLIPS_CONFIRMED = "flips_confirmed_on_target"
 _RUN_NAME = re.compile(r"^(?P<variant>.+)-seed(?P<seed>\d+)$")
 
 

@@ -58,6 +58,7 @@ from .embedding import (
 from .files import (
     ATTACK_CONFIG_FILE,
     COSTS_FILE,
+    FLIPS_CONFIRMED,
     PLOT_FILE,
     RECORDS_FILE,
     SUMMARY_FILE,
@@ -68,8 +69,6 @@ from .files import (
 from .text import WordNet, deepwordbug, pwws
 
 DEFAULT_RADII = (0.01, 0.02, 0.05)
-# PGD settings key: every flip counted was confirmed on the evaluated model (embedding.pgd)
-FLIPS_CONFIRMED = "flips_confirmed_on_target"
 # settings of the training run a twin must share (its folder, data location and solver settings aside)
 _TWIN_IGNORED = {
     "output_dir",

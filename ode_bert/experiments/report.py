@@ -6,6 +6,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from ..attack.files import FLIPS_CONFIRMED
 from ..io import atomic_open
 from .plans import BASELINE, VARIANTS
 from .stats import (
@@ -242,9 +243,10 @@ def attack_outcomes(run_dirs: list[Path], split: str, recipe: str, partial: bool
     return out
 
 
-# attack settings that may differ between the runs of one comparison: where the transfer source lives, and the
-# batch size (every random choice is drawn per example, so it does not change what is attacked)
-_RUN_SPECIFIC_ATTACK_SETTINGS = ("transfer_from", "batch_size")
+# attack settings that may differ between the runs of one comparison: where the transfer source lives, the
+# batch size (every random choice is drawn per example, so it does not change what is attacked), and whether
+# flips were confirmed on the evaluated model (attacks from before are flagged: ``unconfirmed_flips``)
+_RUN_SPECIFIC_ATTACK_SETTINGS = ("transfer_from", "batch_size", FLIPS_CONFIRMED)
 
 
 def _attack_settings(folder: Path) -> dict[str, Any]:
@@ -279,7 +281,6 @@ def unconfirmed_flips(
         attack_folder,
         read_records,
     )
-    from ..attack.runner import FLIPS_CONFIRMED
 
     folder = attack_folder(run_dir, split, recipe)
     settings = json.loads((folder / ATTACK_CONFIG_FILE).read_text())
