@@ -56,7 +56,7 @@ def extra_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--tols", type=float, nargs="+", default=[1e-4, 1e-2],
-                        help="root tolerances of the implicit layers (im_bert's default is 1e-4)")
+                        help="root tolerances (im_bert's default: 1e-2 since 0.2.0, 1e-4 before)")
     parser.add_argument("--dev-samples", type=int, default=200, help="stratified SST-2 dev subset scored")
     parser.add_argument("--plan-samples", type=int, default=1000,
                         help="training subset of the plan run whose store size is computed")
