@@ -34,6 +34,7 @@ from .train import (
     machine_record,
     read_train_config,
     split_training_data,
+    stored_conversion,
 )
 
 METRICS_FILE = "metrics.json"
@@ -156,10 +157,7 @@ def evaluation_settings(run_dir: str | Path, changes: Mapping[str, Any]) -> ODES
     (an implicit solve's ``tol``, ``grad``, ... for ``euler``) are dropped. A run without ODE layers
     (``bert``) is a ``ValueError``."""
     config_json = Path(run_dir) / MODEL_DIR / "config.json"
-    try:
-        stored = json.loads(config_json.read_text()).get(CONFIG_KEY)
-    except (OSError, json.JSONDecodeError) as err:
-        raise RunDirError(f"{config_json} cannot be read ({err})") from err
+    stored = stored_conversion(Path(run_dir))
     if stored is None:
         raise ValueError(
             f"{run_dir} is a stock model (no {CONFIG_KEY!r} settings in {config_json}): there are no solver "

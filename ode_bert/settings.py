@@ -70,8 +70,8 @@ def check_framing(framing: str) -> str:
 # to relative residual 1e-4, BENCHMARKS.md). The later search over layers and iteration caps (upper half,
 # max_iter 10) did not separate from these on held-out data, so they stay. EX-BERT uses the same field and
 # step, so the two differ only in the explicit vs implicit connection.
-# The tolerance is 1e-2 since ode-bert 0.2.0 (it was 1e-4), chosen by evidence (issue 18, RESULTS.md "Which
-# lever costs the accuracy"): SST-2 IM-BERT trained at 1e-2 scored no worse than at 1e-4 over 5 seeds,
+# The tolerance is 1e-2 since ode-bert 0.2.0 (it was 1e-4), chosen by evidence (issue 18, RESULTS.md "The
+# tolerance alone"): SST-2 IM-BERT trained at 1e-2 scored no worse than at 1e-4 over 5 seeds,
 # models trained at 1e-4 score the same evaluated at 1e-2, and a run costs about half (BENCHMARKS.md 5).
 IM_BERT_LAYERS: str = "all"
 IM_BERT_STEP: float = 0.5

@@ -453,6 +453,16 @@ def conversion_changes(
     return [f"{k}: {then.get(k)!r} -> {now.get(k)!r}" for k in keys if then.get(k) != now.get(k)]
 
 
+def stored_conversion(run_dir: Path) -> dict[str, Any] | None:
+    """The conversion a finished run's model was saved with (``model/config.json``'s ``ode_bert``; ``None``:
+    the stock model), as stored; a file that cannot be read is a ``RunDirError`` naming it."""
+    config_json = Path(run_dir) / MODEL_DIR / "config.json"
+    try:
+        return json.loads(config_json.read_text(encoding="utf-8")).get(CONFIG_KEY)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
+        raise RunDirError(f"{config_json} cannot be read ({err}); make the run again elsewhere") from err
+
+
 def _model_layer_count(model_dir: Path, stored: dict[str, Any]) -> int:
     """The number of layers of a saved model (its config.json), for resolving ``"all"``."""
     from transformers import AutoConfig
@@ -501,15 +511,11 @@ def check_run_dir(run_dir: Path, config: TrainConfig) -> None:
     if differing:
         raise RunDirError(f"cannot resume {run_dir}: settings differ from the saved run in {differing}")
     if is_complete(run_dir):
-        model_config = run_dir / MODEL_DIR / "config.json"
-        try:
-            stored = json.loads(model_config.read_text(encoding="utf-8")).get(CONFIG_KEY)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
-            raise RunDirError(f"{model_config} is damaged ({err}); make the run again elsewhere") from err
+        stored = stored_conversion(run_dir)
         settings = config.settings()
         layers = _model_layer_count(run_dir / MODEL_DIR, stored) if stored else 0
         wanted = None if settings is None else settings.to_dict()
-        changes = conversion_changes(stored, wanted, layers, str(model_config))
+        changes = conversion_changes(stored, wanted, layers, str(run_dir / MODEL_DIR / "config.json"))
         if changes:
             raise RunDirError(_conversion_refusal(run_dir, changes))
     if LEGACY_CHECKPOINT in present:
