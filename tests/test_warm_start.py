@@ -352,8 +352,55 @@ def test_bench_runs_both_starts_in_lockstep(
     assert warm["store_bytes"] == warm["epochs"][1]["store"]["bytes"] > 0 and cold["store_bytes"] == 0
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not DATA_DIR.is_dir(), reason="shared data directory not present")
+def test_adjoint_bench_pairs_every_solve_of_epoch_two(
+    tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bench import adjoint_warm_start
+
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(DATA_DIR))
+    out = tmp_path / "adjoint.json"
+    payload = adjoint_warm_start.main(["--quick", "--model", tiny_model, "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
+    (result,) = payload["results"]
+    first, second = result["epochs"]["epoch 1"], result["epochs"]["epoch 2"]
+    assert first["solves"] == second["solves"] == second["paired_solves"] == 2 * 2  # 2 batches x 2 layers
+    assert "warm_nfev" not in first and second["paired_cold_nfev"] == second["cold_nfev"]
+    assert [row["layer"] for row in second["per_layer"]] == [0, 1]
+
+
 def test_runs_saved_before_the_setting_existed_still_match() -> None:
     config = TrainConfig(variant="im")
     older = {k: v for k, v in json.loads(json.dumps(config.to_json())).items() if k != "warm_start"}
     assert train_module.settings_differ(older, config) == []
     assert train_module.settings_differ(older, TrainConfig(variant="im", warm_start=True)) == ["warm_start"]
+
+
+def test_adjoint_probe_counts_without_changing_the_gradient() -> None:
+    """``bench.adjoint_warm_start``'s probe: the gradient is the unprobed one, and on an unchanged equation
+    the stored adjoint is the exact start (the same weights and batch twice: start error ~0, fewer
+    evaluations)."""
+    from bench.adjoint_warm_start import AdjointProbe
+
+    batch = _padded_batch()
+    model = _tiny_bert(tol=1e-8)
+    reference = copy.deepcopy(model)
+    reference(**batch).last_hidden_state.pow(2).sum().backward()
+    probe = AdjointProbe()
+    with probe.installed():
+        for _ in range(2):
+            model.zero_grad()
+            probe.batch(list(range(4)), batch["attention_mask"])
+            model(**batch).last_hidden_state.pow(2).sum().backward()
+            probe.epoch += 1
+    pairs = zip(model.parameters(), reference.parameters())
+    grads = [(p.grad, q.grad) for p, q in pairs if q.grad is not None]
+    assert len(grads) > 10 and all(torch.equal(g, h) for g, h in grads)
+    first, second = probe.solves[:2], probe.solves[2:]
+    assert [s["layer"] for s in probe.solves] == [1, 0, 1, 0]  # backward visits the layers in reverse
+    assert all("warm_nfev" not in s for s in first) and all(s["cold_start_error"] > 1e-3 for s in first)
+    cold_first = {s["layer"]: s["cold_nfev"] for s in first}
+    for solve in second:
+        assert solve["warm_start_error"] < 1e-12 and min(solve["v_cosines"]) > 1 - 1e-12
+        assert solve["warm_nfev"] < solve["cold_nfev"] == cold_first[solve["layer"]]
