@@ -95,6 +95,7 @@ class AdjointProbe:
     def measure(self, hook: Any, v: Tensor, u: Tensor) -> None:
         """Solve this adjoint again, cold (counted) and from the stored guess; store its ``u - v``."""
         layer, ids, real = hook.probe_context
+        tokens = real.sum(dim=1).tolist()
         with torch.enable_grad():
             z_leaf = hook.z_star.detach().requires_grad_()
             gz = hook.g(z_leaf)
@@ -114,13 +115,11 @@ class AdjointProbe:
                 _, warm = hook.finder.solve(adjoint_map, guess)
                 record["warm_nfev"] = warm.nfev
                 record["warm_start_error"] = float((guess - u).norm() / u.norm())
-                v_rows = v[real].split(real.sum(dim=1).tolist())
                 record["v_cosines"] = [
                     float(torch.nn.functional.cosine_similarity(now.flatten(), entry[1].flatten(), dim=0))
-                    for now, entry in zip(v_rows, old)
+                    for now, entry in zip(v[real].split(tokens), old)
                 ]
-            for i, increment, v_row in zip(ids, (u - v)[real].split(real.sum(dim=1).tolist()),
-                                           v[real].split(real.sum(dim=1).tolist())):  # fmt: skip
+            for i, increment, v_row in zip(ids, (u - v)[real].split(tokens), v[real].split(tokens)):
                 self.stored[(i, layer)] = (increment.clone(), v_row.clone())
         self.solves.append(record)
 
