@@ -19,7 +19,6 @@ and at its previous visit (how much of ``u`` the guess can know).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import statistics
 import warnings
@@ -33,24 +32,13 @@ from transformers import set_seed
 
 import solvers.gradients
 from bench._common import describe, machine, parse_args, table, write_json
-from bench.warm_start import Run
+from bench.warm_start import Run, fine_tuning_options
 from ode_bert import im_bert
 from ode_bert.data import load_train, stratified_subset
 from ode_bert.encoding import Collator, EncodedDataset
 from ode_bert.layers import find_layers
 from ode_bert.pretrained import load_model
 from ode_bert.train import EXAMPLE_IDS, CollatorWithExampleIds, EpochSampler, WithExampleIds
-
-
-def extra_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--train-samples", type=int, default=256, help="stratified SST-2 training subset")
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-5)
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--tols", type=float, nargs="+", default=[1e-2, 1e-4],
-                        help="root tolerances (im_bert's default: 1e-2 since 0.2.0, 1e-4 before)")
 
 
 class AdjointProbe:
@@ -153,7 +141,8 @@ def summarize(solves: list[dict[str, Any]], layers: int) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = parse_args("adjoint_warm_start", __doc__.splitlines()[0], extra_options, argv)
+    args = parse_args("adjoint_warm_start", __doc__.splitlines()[0],
+                      lambda parser: fine_tuning_options(parser, tols=(1e-2, 1e-4)), argv)
     if args.quick:
         args.train_samples, args.batch_size, args.tols = 32, 16, args.tols[:1]
     info = machine(args.device)

@@ -48,15 +48,20 @@ from ode_bert.warm_start import WarmStartStore
 from solvers import ConvergenceWarning
 
 
-def extra_options(parser: argparse.ArgumentParser) -> None:
+def fine_tuning_options(parser: argparse.ArgumentParser, tols: Sequence[float]) -> None:
+    """The short fine-tuning's options, shared with ``bench.adjoint_warm_start``."""
     parser.add_argument("--train-samples", type=int, default=256, help="stratified SST-2 training subset")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--tols", type=float, nargs="+", default=[1e-4, 1e-2],
+    parser.add_argument("--tols", type=float, nargs="+", default=list(tols),
                         help="root tolerances (im_bert's default: 1e-2 since 0.2.0, 1e-4 before)")
+
+
+def extra_options(parser: argparse.ArgumentParser) -> None:
+    fine_tuning_options(parser, tols=(1e-4, 1e-2))
     parser.add_argument("--dev-samples", type=int, default=200, help="stratified SST-2 dev subset scored")
     parser.add_argument("--plan-samples", type=int, default=1000,
                         help="training subset of the plan run whose store size is computed")
