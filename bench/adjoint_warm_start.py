@@ -5,11 +5,11 @@ of an IM-BERT training step), starting from the incoming gradient ``v``. The lev
 adjoint solve of epoch ``e`` from its solution of epoch ``e - 1``, shifted like the forward warm start
 (``v_now + (u - v)_stored``). The library has no such option; this script measures what it would save
 before anyone builds it. One IM-BERT (``im_bert`` defaults, every layer implicit) is fine-tuned as
-``bench.warm_start`` does (stratified SST-2 subset, AdamW, linear schedule). During the run a wrapper of the
-adjoint hook (``solvers.gradients._AdjointHook``, a private class: this is a probe, not an API) stores each
-example's ``u - v`` on its real tokens (float32) and, where every example of the batch has one from an
-earlier epoch, solves the same adjoint a second time from the shifted guess, for counting only: the
-gradient the run uses is always the cold solve's, so the run is the run ``ode-bert train`` makes.
+``bench.warm_start`` does (stratified SST-2 subset, AdamW, linear schedule). During the run
+``solvers.watch_adjoint_solves`` reports every adjoint solve; the probe stores each example's ``u - v`` on
+its real tokens (float32) and, where every example of the batch has one from an earlier epoch, solves the
+same adjoint a second time from the shifted guess, for counting only: the gradient the run uses is always
+the cold solve's, so the run is the run ``ode-bert train`` makes.
 
 Reported per tolerance and epoch: evaluations (vector-Jacobian products) per adjoint solve, cold and, on the
 same solves, from the guess; per layer; the relative error of each start (``||start - u|| / ||u||``; the
@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from transformers import set_seed
 
-import solvers.gradients
+import solvers
 from bench._common import describe, machine, parse_args, table, write_json
 from bench.warm_start import Run, fine_tuning_options
 from ode_bert import im_bert
@@ -42,73 +42,48 @@ from ode_bert.train import EXAMPLE_IDS, CollatorWithExampleIds, EpochSampler, Wi
 
 
 class AdjointProbe:
-    """Counts every adjoint solve of a run cold and, where the batch has stored adjoints, from the guess."""
+    """Counts every adjoint solve of a run (``solvers.watch_adjoint_solves``) and, where every example of the
+    batch has an adjoint stored from an earlier visit, solves it again from the shifted guess."""
 
-    def __init__(self) -> None:
+    def __init__(self, layers: int) -> None:
+        self.layers = layers  # implicit layers: the backward pass solves them last to first
         self.epoch = 0
         self.ids: list[int] = []
         self.real: Tensor | None = None  # bool (batch, tokens) of the current batch
-        self.next_layer = 0
+        self.solved_in_batch = 0
         self.stored: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}  # (id, layer) -> (u - v, v)
         self.solves: list[dict[str, Any]] = []
 
     def batch(self, ids: list[int], attention_mask: Tensor) -> None:
-        """The next forward's example ids and mask (its adjoint hooks are made layer by layer)."""
-        self.ids, self.real, self.next_layer = ids, attention_mask != 0, 0
+        """The next training step's example ids and mask."""
+        self.ids, self.real, self.solved_in_batch = ids, attention_mask != 0, 0
 
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        """Wrap the adjoint hook class while the run trains."""
-        hook = solvers.gradients._AdjointHook
-        original_init, original_call = hook.__init__, hook.__call__
-        probe = self
+    def installed(self) -> contextlib.AbstractContextManager[None]:
+        """Watch the adjoint solves while the run trains."""
+        return solvers.watch_adjoint_solves(self.measure)
 
-        def init(hook_self: Any, *args: Any, **kwargs: Any) -> None:
-            original_init(hook_self, *args, **kwargs)
-            hook_self.probe_context = (probe.next_layer, probe.ids, probe.real)
-            probe.next_layer += 1
-
-        def call(hook_self: Any, v: Tensor | None) -> Tensor | None:
-            u = original_call(hook_self, v)
-            if v is not None:
-                probe.measure(hook_self, v.detach(), u.detach())
-            return u
-
-        hook.__init__, hook.__call__ = init, call
-        try:
-            yield
-        finally:
-            hook.__init__, hook.__call__ = original_init, original_call
-
-    def measure(self, hook: Any, v: Tensor, u: Tensor) -> None:
-        """Solve this adjoint again, cold (counted) and from the stored guess; store its ``u - v``."""
-        layer, ids, real = hook.probe_context
+    def measure(self, solve: solvers.AdjointSolve) -> None:
+        """Count this adjoint solve, solve it again from the stored guess, store its ``u - v``."""
+        assert self.real is not None, "call batch() before each training step"
+        layer = self.layers - 1 - self.solved_in_batch
+        self.solved_in_batch += 1
+        v, u, real = solve.v, solve.u, self.real
         tokens = real.sum(dim=1).tolist()
-        with torch.enable_grad():
-            z_leaf = hook.z_star.detach().requires_grad_()
-            gz = hook.g(z_leaf)
-
-        def adjoint_map(w: Tensor) -> Tensor:
-            (vjp,) = torch.autograd.grad(gz, z_leaf, w, retain_graph=True, allow_unused=True)
-            return v if vjp is None else vjp + v
-
-        with torch.no_grad():
-            _, cold = hook.finder.solve(adjoint_map, v)
-            record = {"epoch": self.epoch, "layer": layer, "cold_nfev": cold.nfev,
-                      "cold_start_error": float((v - u).norm() / u.norm())}  # fmt: skip
-            old = [self.stored.get((i, layer)) for i in ids]
-            if all(entry is not None for entry in old):
-                guess = v.clone()
-                guess[real] += torch.cat([entry[0] for entry in old])
-                _, warm = hook.finder.solve(adjoint_map, guess)
-                record["warm_nfev"] = warm.nfev
-                record["warm_start_error"] = float((guess - u).norm() / u.norm())
-                record["v_cosines"] = [
-                    float(torch.nn.functional.cosine_similarity(now.flatten(), entry[1].flatten(), dim=0))
-                    for now, entry in zip(v[real].split(tokens), old)
-                ]
-            for i, increment, v_row in zip(ids, (u - v)[real].split(tokens), v[real].split(tokens)):
-                self.stored[(i, layer)] = (increment.clone(), v_row.clone())
+        record = {"epoch": self.epoch, "layer": layer, "cold_nfev": solve.info.nfev,
+                  "cold_start_error": float((v - u).norm() / u.norm())}  # fmt: skip
+        old = [self.stored.get((i, layer)) for i in self.ids]
+        if all(entry is not None for entry in old):
+            guess = v.clone()
+            guess[real] += torch.cat([entry[0] for entry in old])
+            _, warm = solve.solve_from(guess)
+            record["warm_nfev"] = warm.nfev
+            record["warm_start_error"] = float((guess - u).norm() / u.norm())
+            record["v_cosines"] = [
+                float(torch.nn.functional.cosine_similarity(now.flatten(), entry[1].flatten(), dim=0))
+                for now, entry in zip(v[real].split(tokens), old)
+            ]
+        for i, increment, v_row in zip(self.ids, (u - v)[real].split(tokens), v[real].split(tokens)):
+            self.stored[(i, layer)] = (increment.clone(), v_row.clone())
         self.solves.append(record)
 
 
@@ -159,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
                             collate_fn=CollatorWithExampleIds(Collator(tokenizer)))  # fmt: skip
         run = Run(model, args, len(loader) * args.epochs, warm=False)
-        probe = AdjointProbe()
+        probe = AdjointProbe(layers)
         with probe.installed(), warnings.catch_warnings():
             warnings.simplefilter("ignore", solvers.ConvergenceWarning)
             for epoch in range(args.epochs):

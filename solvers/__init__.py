@@ -35,7 +35,7 @@ from ._base import (
     sample_norm,
 )
 from ._registry import option_names, suggest
-from .gradients import available_grad_modes, solve_fixed_point
+from .gradients import AdjointSolve, available_grad_modes, solve_fixed_point, watch_adjoint_solves
 from .integrate import OdeintStats, odeint
 from .registry import (
     METHODS,
@@ -55,6 +55,7 @@ __all__ = [
     "METHODS",
     "ON_FAILURE",
     "ROOT_FINDERS",
+    "AdjointSolve",
     "ButcherTableau",
     "ConvergenceError",
     "ConvergenceWarning",
@@ -86,4 +87,5 @@ __all__ = [
     "sample_norm",
     "solve_fixed_point",
     "suggest",
+    "watch_adjoint_solves",
 ]

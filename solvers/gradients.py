@@ -7,12 +7,18 @@
   same root finder. Memory is that of one application of ``g``.
 * ``one_step``: Jacobian-free backprop (Fung et al., 2022): return ``g(z*)`` with ``z*`` detached, i.e.
   approximate ``(I - J)^{-1}`` by ``I``. Cheap, common in deep-equilibrium practice.
+
+The adjoint solves of ``implicit`` run in the backward pass, where a caller cannot see them;
+``watch_adjoint_solves`` reports each one (its evaluations, its solution, and the same equation to solve
+again from another start) to a callback while it is open.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -23,6 +29,40 @@ from .registry import get_root_finder
 # (g, z0, finder, what to do if the adjoint solve fails) -> (z, info)
 GradMode = Callable[[FixedPointMap, Tensor, RootFinder, str], tuple[Tensor, RootInfo]]
 GRAD_MODES: dict[str, GradMode] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class AdjointSolve:
+    """One adjoint solve ``u = J_g(z*)^T u + v`` of the ``implicit`` gradient (``watch_adjoint_solves``).
+
+    ``v``: the incoming gradient (the equation's right-hand side, and the start the solve used); ``u``: the
+    solution it returned; ``info``: its root-finder record (``nfev`` counts vector-Jacobian products).
+    ``solve_from(start)`` solves the same equation again from ``start`` with the same finder, without a graph
+    and without reporting non-convergence; valid during the callback only (it holds the backward's graph).
+    """
+
+    v: Tensor
+    u: Tensor
+    info: RootInfo
+    solve_from: Callable[[Tensor], tuple[Tensor, RootInfo]]
+
+
+_ADJOINT_WATCHERS: list[Callable[[AdjointSolve], None]] = []
+
+
+@contextlib.contextmanager
+def watch_adjoint_solves(callback: Callable[[AdjointSolve], None]) -> Iterator[None]:
+    """Call ``callback(AdjointSolve)`` after every adjoint solve of the ``implicit`` gradient while open.
+
+    For measurements: the evaluations a backward pass spends, or what another start would cost
+    (``bench/adjoint_warm_start.py``). The gradient is unchanged: ``u`` is returned as solved. Solves run in
+    the order the backward pass reaches them (the last implicit layer first).
+    """
+    _ADJOINT_WATCHERS.append(callback)
+    try:
+        yield
+    finally:
+        _ADJOINT_WATCHERS.remove(callback)
 
 
 def _grad_mode(name: str) -> Callable[[GradMode], GradMode]:
@@ -145,7 +185,18 @@ class _AdjointHook:
         with torch.no_grad():
             u, info = self.finder.solve(adjoint_map, v.detach())
         info.solver = self.finder.name
+        if _ADJOINT_WATCHERS:
+            solve = AdjointSolve(v.detach(), u.detach(), info, self._solver_from(adjoint_map))
+            for watcher in list(_ADJOINT_WATCHERS):
+                watcher(solve)
         if not info.all_converged:
             message = f"adjoint solve of the implicit gradient did not converge: {info.summary()}"
             report_failure(self.on_failure, message, stacklevel=2)
         return u
+
+    def _solver_from(self, adjoint_map: FixedPointMap) -> Callable[[Tensor], tuple[Tensor, RootInfo]]:
+        def solve_from(start: Tensor) -> tuple[Tensor, RootInfo]:
+            with torch.no_grad():
+                return self.finder.solve(adjoint_map, start.detach())
+
+        return solve_from

@@ -73,6 +73,41 @@ def test_one_step_is_the_jacobian_free_gradient_on_a_linear_map() -> None:
         torch.testing.assert_close(gx, reference, atol=1e-9, rtol=1e-9)
 
 
+def test_watched_adjoint_solve_is_the_analytic_adjoint() -> None:
+    """g(z) = A z + B x: the adjoint solve reported is u = (I - A)^-T c for the loss c.z, the gradient is
+    unchanged by watching, a solve from the exact u stops sooner, and nothing is reported after the
+    context."""
+    gen = torch.Generator().manual_seed(4)
+    a = torch.randn(4, 4, generator=gen, dtype=F64)
+    a = 0.6 * a / torch.linalg.matrix_norm(a, ord=2)
+    bmat = torch.randn(4, 3, generator=gen, dtype=F64)
+    c = torch.randn(4, dtype=F64)
+    x = torch.randn(3, dtype=F64, requires_grad=True)
+    finder = solvers.get_root_finder("anderson", tol=1e-12, max_iter=100)
+    u_exact = torch.linalg.solve((torch.eye(4, dtype=F64) - a).T, c)
+
+    def gradient() -> torch.Tensor:
+        z, _ = solve_fixed_point(lambda z: a @ z + bmat @ x, torch.zeros(4, dtype=F64), finder, "implicit")
+        return torch.autograd.grad(c @ z, x)[0]
+
+    seen: list[tuple[solvers.AdjointSolve, torch.Tensor, solvers.RootInfo]] = []
+
+    def watch(solve: solvers.AdjointSolve) -> None:
+        seen.append((solve, *solve.solve_from(u_exact)))
+
+    with solvers.watch_adjoint_solves(watch):
+        watched = gradient()
+    unwatched = gradient()
+    assert len(seen) == 1
+    solve, u_again, info_again = seen[0]
+    torch.testing.assert_close(solve.v, c)
+    torch.testing.assert_close(solve.u, u_exact, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(u_again, u_exact, atol=1e-10, rtol=1e-10)
+    assert solve.info.all_converged and info_again.nfev < solve.info.nfev
+    torch.testing.assert_close(watched, bmat.T @ u_exact, atol=1e-10, rtol=1e-10)
+    assert torch.equal(watched, unwatched)
+
+
 def test_implicit_mode_keeps_one_application_in_the_graph() -> None:
     """Memory does not grow with iterations: the graph holds one application of g, however many iterations."""
     w, x, b = contraction_problem(3)
