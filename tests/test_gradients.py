@@ -52,14 +52,21 @@ def test_implicit_matches_unrolled_gradient(root: str) -> None:
         torch.testing.assert_close(implicit, unrolled, atol=1e-6, rtol=1e-6)
 
 
+def linear_problem(seed: int, norm: float) -> tuple[torch.Tensor, ...]:
+    """A (4x4, spectral norm ``norm``), B (4x3), the loss weights c (4) and the input x (3, requires grad)
+    of g(z) = A z + B x, whose fixed point, gradients and adjoint are known in closed form."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(4, 4, generator=gen, dtype=F64)
+    a = norm * a / torch.linalg.matrix_norm(a, ord=2)
+    bmat = torch.randn(4, 3, generator=gen, dtype=F64)
+    c = torch.randn(4, generator=gen, dtype=F64)
+    x = torch.randn(3, generator=gen, dtype=F64).requires_grad_()
+    return a, bmat, c, x
+
+
 def test_one_step_is_the_jacobian_free_gradient_on_a_linear_map() -> None:
     """g(z) = A z + B x: implicit gives B^T (I - A)^-T c, one_step gives B^T c."""
-    gen = torch.Generator().manual_seed(2)
-    a = torch.randn(4, 4, generator=gen, dtype=F64)
-    a = 0.4 * a / torch.linalg.matrix_norm(a, ord=2)
-    bmat = torch.randn(4, 3, generator=gen, dtype=F64)
-    c = torch.randn(4, dtype=F64)
-    x = torch.randn(3, dtype=F64, requires_grad=True)
+    a, bmat, c, x = linear_problem(seed=2, norm=0.4)
     finder = solvers.get_root_finder("anderson", tol=1e-13, max_iter=100)
     expected = {
         "one_step": bmat.T @ c,
@@ -77,12 +84,7 @@ def test_watched_adjoint_solve_is_the_analytic_adjoint() -> None:
     """g(z) = A z + B x: the adjoint solve reported is u = (I - A)^-T c for the loss c.z, the gradient is
     unchanged by watching, a solve from the exact u stops sooner, and nothing is reported after the
     context."""
-    gen = torch.Generator().manual_seed(4)
-    a = torch.randn(4, 4, generator=gen, dtype=F64)
-    a = 0.6 * a / torch.linalg.matrix_norm(a, ord=2)
-    bmat = torch.randn(4, 3, generator=gen, dtype=F64)
-    c = torch.randn(4, dtype=F64)
-    x = torch.randn(3, dtype=F64, requires_grad=True)
+    a, bmat, c, x = linear_problem(seed=4, norm=0.6)
     finder = solvers.get_root_finder("anderson", tol=1e-12, max_iter=100)
     u_exact = torch.linalg.solve((torch.eye(4, dtype=F64) - a).T, c)
 
