@@ -27,18 +27,16 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 from transformers import set_seed
 
 import solvers
 from bench._common import describe, machine, parse_args, table, write_json
-from bench.warm_start import Run, fine_tuning_options
+from bench.warm_start import Run, fine_tuning_batches, fine_tuning_options
 from ode_bert import im_bert
 from ode_bert.data import load_train, stratified_subset
-from ode_bert.encoding import Collator, EncodedDataset
 from ode_bert.layers import find_layers
 from ode_bert.pretrained import load_model
-from ode_bert.train import EXAMPLE_IDS, CollatorWithExampleIds, EpochSampler, WithExampleIds
+from ode_bert.train import EXAMPLE_IDS
 
 
 class AdjointProbe:
@@ -129,10 +127,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         model, tokenizer = load_model(args.model, num_labels=2)
         im_bert(model, tol=tol)
         layers = len(find_layers(model))
-        dataset = WithExampleIds(EncodedDataset(examples, tokenizer, args.max_length))
-        sampler = EpochSampler(len(dataset), args.seed)
-        loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
-                            collate_fn=CollatorWithExampleIds(Collator(tokenizer)))  # fmt: skip
+        sampler, loader = fine_tuning_batches(examples, tokenizer, args)
         run = Run(model, args, len(loader) * args.epochs, warm=False)
         probe = AdjointProbe(layers)
         with probe.installed(), warnings.catch_warnings():

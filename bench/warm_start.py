@@ -70,6 +70,18 @@ def extra_options(parser: argparse.ArgumentParser) -> None:
                         "between epochs with the weights only, not with new dropout masks (a comparison)")
 
 
+def fine_tuning_batches(
+    examples: Sequence[Any], tokenizer: Any, args: argparse.Namespace
+) -> tuple[EpochSampler, DataLoader]:
+    """The training batches as ``ode-bert train`` draws them (with example ids; ``sampler.set_epoch`` per
+    epoch), shared with ``bench.adjoint_warm_start``."""
+    dataset = WithExampleIds(EncodedDataset(examples, tokenizer, args.max_length))
+    sampler = EpochSampler(len(dataset), args.seed)
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
+                        collate_fn=CollatorWithExampleIds(Collator(tokenizer)))  # fmt: skip
+    return sampler, loader
+
+
 class Run:
     """One fine-tuning run: model, optimizer, scheduler, its own RNG state and (warm) its store."""
 
@@ -161,10 +173,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     module.p = 0.0
         if plan is None:
             plan = store_size_of_plan(args, tokenizer, base.config.hidden_size, len(find_layers(base)))
-        dataset = WithExampleIds(EncodedDataset(examples, tokenizer, args.max_length))
-        sampler = EpochSampler(len(dataset), args.seed)
-        loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
-                            collate_fn=CollatorWithExampleIds(Collator(tokenizer)))  # fmt: skip
+        sampler, loader = fine_tuning_batches(examples, tokenizer, args)
         steps = len(loader) * args.epochs
         torch.manual_seed(args.seed)  # the same RNG state for both runs' dropout
         runs = {"cold": Run(base, args, steps, warm=False),

@@ -56,8 +56,12 @@ def watch_adjoint_solves(callback: Callable[[AdjointSolve], None]) -> Iterator[N
 
     For measurements: the evaluations a backward pass spends, or what another start would cost
     (``bench/adjoint_warm_start.py``). The gradient is unchanged: ``u`` is returned as solved. Solves run in
-    the order the backward pass reaches them (the last implicit layer first).
+    the order the backward pass reaches them (the last implicit layer first). A ``callback`` that is not
+    callable is a ``TypeError`` here, not in the backward pass.
     """
+    if not callable(callback):
+        kind = type(callback).__name__
+        raise TypeError(f"callback must be callable (it receives an AdjointSolve), got {kind}")
     _ADJOINT_WATCHERS.append(callback)
     try:
         yield

@@ -110,6 +110,12 @@ def test_watched_adjoint_solve_is_the_analytic_adjoint() -> None:
     assert torch.equal(watched, unwatched)
 
 
+def test_watching_with_a_non_callable_is_refused_before_any_solve() -> None:
+    watching = solvers.watch_adjoint_solves("print")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="callback must be callable"), watching:
+        pytest.fail("the context must not open")
+
+
 def test_implicit_mode_keeps_one_application_in_the_graph() -> None:
     """Memory does not grow with iterations: the graph holds one application of g, however many iterations."""
     w, x, b = contraction_problem(3)
