@@ -93,6 +93,7 @@ def test_experiment_report_adds_attack_columns_and_refuses_unpaired_attacks(
     assert "im − ex, 1 shared seed(s)" in report and "| robust@0.05 | +50.00 |" in report
     assert "Left out, unfinished (no summary.json yet): sst2-n8/ex-seed2" in report
     assert "Left out, not attacked: sst2-n8/im-seed3" in report
+    assert "†" not in report  # seeds that differ as examples do: no t interval flagged
 
     _attacked(out, "ex", 2, [1, 1, 1, 1], indices=(0, 1, 2, 5))
     assert cli.main(["experiment", "--report", results]) == 2
@@ -154,3 +155,67 @@ def test_interim_report_compares_unfinished_attacks_on_examples_every_run_comple
                                    "robust@0.05": [True, False]}  # fmt: skip
     assert outcomes["ex"][1] == {"clean": [True, True], "robust@0.01": [True, False],
                                  "robust@0.05": [False, False]}  # fmt: skip
+
+
+def test_seeds_that_agree_more_closely_than_the_examples_allow_are_flagged(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every seed's difference is +50 points, but from rotating examples: a zero-width t interval that the
+    examples' own noise cannot produce is marked † with its seed-spread p (0 here), and the projection tool
+    reads the same runs (an ordinary spread is not marked: the first test)."""
+    from bench import attack_power
+
+    out = tmp_path / "grid"
+    for seed in range(4):
+        _attacked(out, "im", seed + 1, [-1 if i == seed else 1 for i in range(4)])  # 3 of 4 robust
+        _attacked(out, "ex", seed + 1, [1 if i == (seed + 1) % 4 else -1 for i in range(4)])  # 1 of 4
+    runs = [out / GROUP / f"{v}-seed{s}" for v in ("im", "ex") for s in range(1, 5)]
+    assert cli.main(["experiment", "--report", str(out / "results.jsonl"), "--pairs", "im:ex"]) == 0
+    report = capsys.readouterr().out
+    assert "| robust@0.01 | +50.00 [+50.00, +50.00] † |" in report
+    assert "(robust@0.01 p = 0, robust@0.05 p = 0: `stats.variance_components`" in report
+    assert "| clean | +0.00 |" not in report and "| clean | +0.00 [+0.00, +0.00] |" in report  # no spread
+
+    attack_power.main([*map(str, runs), "--recipe", "pgd-l2", "--pairs", "im:ex", "--seeds", "4", "8",
+                       "--examples", "4", "--target", "60"])  # fmt: skip
+    power = capsys.readouterr().out
+    # the difference is 100 on two examples and 0 on two in every seed, every example 100 in two seeds: no
+    # seed or example part, all of the 16 x 50² points² of squares is the rest, on 3 x 3 degrees of freedom
+    rest = 16 * 50**2 / 9
+    assert (f"| sst2-n8 | im - ex | robust@0.01 | 4 x 4 | +50.00 | 0.00 | 0.00 | {rest**0.5:.2f} | 0 |"
+            in power)  # fmt: skip
+    by_seed = stats.t.ppf(0.975, 3) * math.sqrt(rest / 4 / 4)  # 4 seeds, 4 examples
+    assert f"| im - ex | robust@0.01 | ±{by_seed:.2f} / ±" in power
+    fewest = next(s for s in range(2, 101) if stats.t.ppf(0.975, s - 1) * math.sqrt(rest / 4 / s) <= 60)
+    assert power.splitlines()[-2].endswith(f"| {fewest} |")
+
+
+def test_variance_components_recover_simulated_parts_and_reproduce_the_t_interval() -> None:
+    """On simulated differences with known seed, example and remaining parts the crossed ANOVA recovers
+    them; projected at the measured size, the by-seed half-width is the paired t interval's."""
+    import numpy as np
+
+    from ode_bert.experiments.stats import paired_difference, projected_half_widths, variance_components
+
+    rng = np.random.default_rng(0)
+    seeds, examples = 300, 400
+    diffs = (rng.normal(0, 2, (seeds, 1)) + rng.normal(0, 3, (1, examples))
+             + rng.normal(0, 5, (seeds, examples))) / 100  # points: sd 2, 3 and 5
+    found = variance_components(dict(enumerate(diffs)), {s: [0.0] * examples for s in range(seeds)})
+    assert found["seed"] ** 0.5 == pytest.approx(2, rel=0.1)
+    assert found["example"] ** 0.5 == pytest.approx(3, rel=0.1)
+    assert found["residual"] ** 0.5 == pytest.approx(5, rel=0.02)
+    assert found["seed_spread_p"] > 0.05  # a real seed part: nothing to flag
+
+    few = (rng.normal(0, 8, (5, 1)) + rng.normal(0, 30, (5, 60))) / 100
+    parts = variance_components(dict(enumerate(few)), {s: [0.0] * 60 for s in range(5)})
+    assert parts["seed"] > 0  # unclipped, so the projection at 5 x 60 is the measured interval exactly
+    measured = paired_difference([100 * row.mean() for row in few], [0.0] * 5)
+    projected = projected_half_widths(parts, 5, 60)
+    assert projected["by_seed"] == pytest.approx(measured["ci_high"] - measured["mean"], rel=1e-9)
+    wider, more = projected_half_widths(parts, 5, 600), projected_half_widths(parts, 20, 60)
+    assert wider["by_seed"] < projected["by_seed"] and more["by_seed"] < projected["by_seed"]
+    assert projected["by_example_and_seed"] > projected_half_widths({**parts, "example": 0.0}, 5, 60)[
+        "by_example_and_seed"]  # fmt: skip
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        variance_components({1: [1, 0]}, {1: [0, 0]})

@@ -11,12 +11,14 @@ from ..io import atomic_open
 from .plans import BASELINE, VARIANTS
 from .stats import (
     METRICS,
+    SEED_SPREAD_ALPHA,
     bootstrap_over_examples_and_seeds,
     by_group,
     correlation,
     mcnemar,
     paired_difference,
     summarize_groups,
+    variance_components,
 )
 
 
@@ -345,6 +347,32 @@ def _source_lines(
     return [*lines, ""] if lines else []
 
 
+def _paired_by_seed(
+    a: dict[int, list[bool]], b: dict[int, list[bool]], label: str, too_close: list[str]
+) -> str:
+    """The difference ``a - b`` paired by seed with its t interval, marked † (and ``label`` with its p added
+    to ``too_close``) where the seeds agree more closely than the examples' noise allows
+    (``stats.variance_components``' seed_spread_p below ``SEED_SPREAD_ALPHA``)."""
+    seeds = sorted(a)
+    n = len(a[seeds[0]])
+    cell = _interval(paired_difference([100 * sum(a[s]) / n for s in seeds],
+                                       [100 * sum(b[s]) / n for s in seeds]))  # fmt: skip
+    spread_p = variance_components(a, b)["seed_spread_p"] if len(seeds) > 1 and n > 1 else None
+    if spread_p is not None and spread_p < SEED_SPREAD_ALPHA:
+        too_close.append(f"{label} p = {spread_p:.2g}")
+        return cell + " †"
+    return cell
+
+
+def _too_close_note(too_close: list[str]) -> list[str]:
+    """The note under a table with † cells (``_paired_by_seed``), or nothing."""
+    if not too_close:
+        return []
+    return [f"† The seeds' differences agree more closely than the examples' own noise allows "
+            f"({', '.join(too_close)}: `stats.variance_components`, seed_spread_p): this t interval is "
+            "narrower than the data support; read the one by example and seed.", ""]
+
+
 def format_attack_report(run_dirs: list[Path], config: Any, pairs: list[tuple[str, str]],
                          baseline: str = BASELINE, partial: bool = False) -> str:  # fmt: skip
     """Markdown tables of one attack over runs: per variant, mean ± std over seeds of every metric (clean,
@@ -370,6 +398,7 @@ def format_attack_report(run_dirs: list[Path], config: Any, pairs: list[tuple[st
         lines += [f"### {group}: {config.recipe}, {n} examples{scope} (scores in %)", "",
                   "| variant | seeds | " + " | ".join(f"{m} | Δ {m} vs {baseline}" for m in metrics) + " |",
                   "|---|---|" + "---|---|" * len(metrics)]  # fmt: skip
+        too_close: list[str] = []
         for variant in variants:
             runs = entry[variant]
             cells = []
@@ -381,12 +410,11 @@ def format_attack_report(run_dirs: list[Path], config: Any, pairs: list[tuple[st
                 if variant == baseline or not shared:
                     cells.append("baseline" if variant == baseline else "-")
                 else:
-                    base = entry[baseline]
-                    mine = [100 * sum(runs[s][metric]) / n for s in shared]
-                    cells.append(_interval(paired_difference(mine, [100 * sum(base[s][metric]) / n
-                                                                    for s in shared])))  # fmt: skip
+                    cells.append(_paired_by_seed({s: runs[s][metric] for s in shared},
+                                                 {s: entry[baseline][s][metric] for s in shared},
+                                                 f"{variant} {metric}", too_close))  # fmt: skip
             lines.append(f"| {variant} | {len(runs)} | " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += ["", *_too_close_note(too_close)]
         if config.is_pgd:
             lines += _source_lines(run_dirs, group, entry["_examples"], split, config)
         for a, b in pairs:
@@ -399,17 +427,17 @@ def format_attack_report(run_dirs: list[Path], config: Any, pairs: list[tuple[st
             lines += [f"{a} − {b}, {len(shared)} shared seed(s){noise}:", "",
                       "| metric | Δ by seed [95% t CI] | Δ by example and seed [95% bootstrap CI] "
                       "| McNemar (only A / only B, p) |", "|---|---|---|---|"]  # fmt: skip
+            too_close = []
             for metric in metrics:
                 xa = {s: entry[a][s][metric] for s in shared}
                 xb = {s: entry[b][s][metric] for s in shared}
-                by_seed = _interval(paired_difference([100 * sum(xa[s]) / n for s in shared],
-                                                      [100 * sum(xb[s]) / n for s in shared]))
+                by_seed = _paired_by_seed(xa, xb, metric, too_close)
                 boot = bootstrap_over_examples_and_seeds(xa, xb)
                 test = mcnemar([x for s in shared for x in xa[s]], [x for s in shared for x in xb[s]])
                 lines.append(f"| {metric} | {by_seed} | {boot['mean']:+.2f} [{boot['ci_low']:+.2f}, "
                              f"{boot['ci_high']:+.2f}] | {test['only_a']} / {test['only_b']}, "
                              f"p = {test['p_value']:.3g} |")  # fmt: skip
-            lines.append("")
+            lines += ["", *_too_close_note(too_close)]
     doubts = {Path(r): unconfirmed_flips(Path(r), split, config.recipe,
                                          outcomes[run_identity(Path(r))[0]]["_examples"]) for r in run_dirs}
     doubts = {r: counts for r, counts in doubts.items() if counts}

@@ -1,4 +1,5 @@
-"""Paired statistics over seeds: the mean per-seed difference to a baseline with its 95% t interval."""
+"""Paired statistics over seeds (the mean per-seed difference to a baseline with its 95% t interval) and over
+examples and seeds (crossed bootstrap, McNemar, variance components and the intervals they project)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ from typing import Any
 
 # What every run is scored on (``metrics.json`` keys) and how tables call it.
 METRICS = {"clean": "clean dev", "advglue": "AdvGLUE"}
+
+# ``variance_components``' seed_spread_p below this (the lower tail of a two-sided 5% test): the seeds agree
+# more closely than the examples' noise allows, and reports flag the t interval over seeds
+SEED_SPREAD_ALPHA = 0.025
 
 
 def paired_difference(values: Sequence[float], baseline: Sequence[float]) -> dict[str, float | None]:
@@ -151,3 +156,59 @@ def correlation(x: Sequence[float], y: Sequence[float]) -> dict[str, float | int
     z = math.atanh(r)
     return {"r": r, "ci_low": math.tanh(z - half), "ci_high": math.tanh(z + half), "p_value": float(p),
             "n": len(x)}  # fmt: skip
+
+
+def variance_components(
+    a: dict[int, Sequence[float]], b: dict[int, Sequence[float]]
+) -> dict[str, float | int | None]:
+    """Where the noise of a paired comparison comes from: the per-example differences ``a - b`` (seed ->
+    outcomes on the same examples, as in ``bootstrap_over_examples_and_seeds``) split by the crossed two-way
+    random-effects ANOVA (one outcome per seed and example) into a seed part (how the difference moves from
+    one seed to the next), an example part (how it moves from one example to the next, the same for every
+    seed) and the rest, in points squared; a part whose estimate is negative is reported as 0. What
+    ``projected_half_widths`` extrapolates from; with few seeds the seed part is itself rough (S - 1 degrees
+    of freedom).
+
+    ``seed_spread_p``: how likely per-seed differences agree as closely as these do if the seed part were 0
+    (the F ratio of the seed and remaining mean squares, lower tail). A small value means the seeds agree
+    more closely than the examples' own noise allows: the paired t interval over seeds is then narrower than
+    the data support, by chance, and the interval by example and seed is the one to read."""
+    import numpy as np
+    from scipy import stats
+
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        raise ValueError(f"need at least 2 seeds shared by the two variants, got {len(seeds)}")
+    diffs = 100 * np.array([np.asarray(a[s], dtype=float) - np.asarray(b[s], dtype=float) for s in seeds])
+    if diffs.ndim != 2 or diffs.shape[1] < 2:
+        raise ValueError("every seed needs the same list of at least 2 examples")
+    n_seeds, n_examples = diffs.shape
+    grand = diffs.mean()
+    seed_means, example_means = diffs.mean(axis=1), diffs.mean(axis=0)
+    ms_seed = n_examples * float(((seed_means - grand) ** 2).sum()) / (n_seeds - 1)
+    ms_example = n_seeds * float(((example_means - grand) ** 2).sum()) / (n_examples - 1)
+    residuals = diffs - seed_means[:, None] - example_means[None, :] + grand
+    ms_residual = float((residuals**2).sum()) / ((n_seeds - 1) * (n_examples - 1))
+    spread_p = (float(stats.f.cdf(ms_seed / ms_residual, n_seeds - 1, (n_seeds - 1) * (n_examples - 1)))
+                if ms_residual > 0 else None)  # fmt: skip
+    return {"mean": float(grand), "seed": max(0.0, (ms_seed - ms_residual) / n_examples),
+            "example": max(0.0, (ms_example - ms_residual) / n_seeds), "residual": ms_residual,
+            "seed_spread_p": spread_p, "seeds": n_seeds, "examples": n_examples}  # fmt: skip
+
+
+def projected_half_widths(components: dict[str, Any], seeds: int, examples: int) -> dict[str, float]:
+    """The 95% half-widths (points) a comparison with ``components`` (``variance_components``) would get with
+    ``seeds`` seeds and ``examples`` examples: ``by_seed``, the paired t interval over seeds on one fixed set
+    of examples (``paired_difference``), whose noise is the seed part and the rest; ``by_example_and_seed``,
+    the normal interval with examples drawn anew too (what ``bootstrap_over_examples_and_seeds`` estimates),
+    which adds the example part. At the measured seeds and examples ``by_seed`` is the measured t interval's
+    half-width (unless the seed part was clipped at 0)."""
+    if seeds < 2 or examples < 1:
+        raise ValueError(f"need at least 2 seeds and 1 example, got {seeds} and {examples}")
+    from scipy import stats
+
+    seed, example, residual = components["seed"], components["example"], components["residual"]
+    by_seed = stats.t.ppf(0.975, seeds - 1) * math.sqrt((seed + residual / examples) / seeds)
+    crossed_variance = seed / seeds + example / examples + residual / (seeds * examples)
+    crossed = stats.norm.ppf(0.975) * math.sqrt(crossed_variance)
+    return {"by_seed": float(by_seed), "by_example_and_seed": float(crossed)}
