@@ -93,6 +93,7 @@ def test_executor_options_are_checked(tmp_path: Path, capsys: pytest.CaptureFixt
     assert compare.compare is experiments.compare  # the old import path is the same implementation
 
 
+@pytest.mark.slow  # 11 s, mostly starting Ray: the optional executor, run by `make test-all`
 @pytest.mark.skipif(not DATA_DIR.is_dir(), reason="shared data directory not present")
 @pytest.mark.filterwarnings("ignore::solvers.ConvergenceWarning")
 def test_ray_executor_runs_each_run_as_a_ray_task(tiny_model: str, tmp_path: Path) -> None:
