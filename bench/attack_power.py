@@ -116,9 +116,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         split = resolve_split(read_train_config(args.run_dirs[0])["task"], args.split)
         outcomes = attack_outcomes(args.run_dirs, split, args.recipe)
-    except (FileNotFoundError, ValueError) as err:
+        rows = analyse(outcomes, pairs, args.seeds, args.examples, args.target)
+    except (FileNotFoundError, ValueError) as err:  # e.g. a pair with fewer than 2 shared seeds
         parser.error(str(err))
-    rows = analyse(outcomes, pairs, args.seeds, args.examples, args.target)
     if not rows:
         parser.error(f"no pair of {args.pairs} has both variants among the run folders")
     print(markdown(rows, args.target))
