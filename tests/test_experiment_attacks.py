@@ -189,6 +189,14 @@ def test_seeds_that_agree_more_closely_than_the_examples_allow_are_flagged(
     fewest = next(s for s in range(2, 101) if stats.t.ppf(0.975, s - 1) * math.sqrt(rest / 4 / s) <= 60)
     assert power.splitlines()[-2].endswith(f"| {fewest} |")
 
+    for bad, message in ((["--pairs", "im"], "--pairs takes A:B variant pairs"),
+                         (["--pairs", "im:ex", "--seeds", "1"], "--seeds must be >= 2"),
+                         ([*map(str, runs[:1] + runs[4:5]), "--pairs", "im:ex"], "need at least 2 seeds")):
+        args = bad if bad[0] != "--pairs" else [*map(str, runs), *bad]
+        with pytest.raises(SystemExit):
+            attack_power.main([*args, "--recipe", "pgd-l2"])
+        assert message in capsys.readouterr().err
+
 
 def test_variance_components_recover_simulated_parts_and_reproduce_the_t_interval() -> None:
     """On simulated differences with known seed, example and remaining parts the crossed ANOVA recovers
@@ -219,3 +227,7 @@ def test_variance_components_recover_simulated_parts_and_reproduce_the_t_interva
         "by_example_and_seed"]  # fmt: skip
     with pytest.raises(ValueError, match="at least 2 seeds"):
         variance_components({1: [1, 0]}, {1: [0, 0]})
+    with pytest.raises(ValueError, match=r"same list of at least 2 examples, got lengths \[2, 3\]"):
+        variance_components({1: [1, 0], 2: [1, 0, 1]}, {1: [0, 0], 2: [0, 0, 0]})
+    with pytest.raises(ValueError, match="at least 2 seeds and 1 example"):
+        projected_half_widths(parts, 1, 60)

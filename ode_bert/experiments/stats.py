@@ -99,6 +99,27 @@ def summarize_groups(records: list[dict[str, Any]], baseline: str = "bert") -> d
     return summary
 
 
+def _paired_differences(
+    a: dict[int, Sequence[float]], b: dict[int, Sequence[float]], min_seeds: int, min_examples: int
+) -> Any:
+    """``a - b`` per shared seed (rows, in seed order) and example (columns) as a float array; fewer than
+    ``min_seeds`` shared seeds, or rows of other lengths or with fewer than ``min_examples`` examples, are a
+    ``ValueError``."""
+    import numpy as np
+
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < min_seeds:
+        plural = "s" if min_seeds > 1 else ""
+        raise ValueError(f"need at least {min_seeds} seed{plural} shared by the two variants, got "
+                         f"{len(seeds)}")  # fmt: skip
+    lengths = {len(x[s]) for s in seeds for x in (a, b)}
+    if len(lengths) != 1 or min(lengths) < min_examples:
+        plural = "s" if min_examples > 1 else ""
+        raise ValueError(f"every seed needs the same list of at least {min_examples} example{plural}, got "
+                         f"lengths {sorted(lengths)}")  # fmt: skip
+    return np.array([np.asarray(a[s], dtype=float) - np.asarray(b[s], dtype=float) for s in seeds])
+
+
 def bootstrap_over_examples_and_seeds(
     a: dict[int, Sequence[float]], b: dict[int, Sequence[float]], samples: int = 2000, seed: int = 0
 ) -> dict[str, float | int]:
@@ -110,12 +131,7 @@ def bootstrap_over_examples_and_seeds(
     """
     import numpy as np
 
-    seeds = sorted(set(a) & set(b))
-    if not seeds:
-        raise ValueError("no seed is shared by the two variants")
-    diffs = np.array([np.asarray(a[s], dtype=float) - np.asarray(b[s], dtype=float) for s in seeds])
-    if diffs.ndim != 2 or diffs.shape[1] == 0:
-        raise ValueError("every seed needs the same, non-empty list of examples")
+    diffs = _paired_differences(a, b, min_seeds=1, min_examples=1)
     rng = np.random.default_rng(seed)
     n_seeds, n_examples = diffs.shape
     means = np.empty(samples)
@@ -173,15 +189,9 @@ def variance_components(
     (the F ratio of the seed and remaining mean squares, lower tail). A small value means the seeds agree
     more closely than the examples' own noise allows: the paired t interval over seeds is then narrower than
     the data support, by chance, and the interval by example and seed is the one to read."""
-    import numpy as np
     from scipy import stats
 
-    seeds = sorted(set(a) & set(b))
-    if len(seeds) < 2:
-        raise ValueError(f"need at least 2 seeds shared by the two variants, got {len(seeds)}")
-    diffs = 100 * np.array([np.asarray(a[s], dtype=float) - np.asarray(b[s], dtype=float) for s in seeds])
-    if diffs.ndim != 2 or diffs.shape[1] < 2:
-        raise ValueError("every seed needs the same list of at least 2 examples")
+    diffs = 100 * _paired_differences(a, b, min_seeds=2, min_examples=2)
     n_seeds, n_examples = diffs.shape
     grand = diffs.mean()
     seed_means, example_means = diffs.mean(axis=1), diffs.mean(axis=0)
