@@ -144,3 +144,14 @@ def test_local_workers_die_with_the_process_that_started_them() -> None:
     while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
         time.sleep(0.1)
     assert not Path(f"/proc/{pid}").exists(), "the worker outlived the process that started it"
+
+
+def test_every_named_plan_run_has_valid_settings_with_its_variant_s_own() -> None:
+    """Every run of every named plan builds a checked ``TrainConfig`` before any work, and a named variant's
+    own settings (``VARIANTS``, e.g. ``im-tol1e-1``'s tolerance) are the ones it trains with."""
+    runs = plan_runs(experiments.named_groups(list(experiments.PLANS)), [1], "out")
+    assert set(experiments.VARIANTS) - {r.variant for r in runs} == {"ode"}  # the continuous-depth base
+    for run in runs:
+        config = run.config()
+        for name, value in experiments.VARIANTS.get(run.variant, {}).items():
+            assert getattr(config, name) == value, (run.label, name)
