@@ -23,15 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import solvers
-from ode_bert.evaluate import EVALS_DIR, changes_label, evaluate, evaluation_settings
+from ode_bert.evaluate import evaluate, evaluation_settings
 from ode_bert.experiments.stats import paired_difference
+from ode_bert.settings import changes_label, solver_changes_dir
 
 from ._common import RESULTS_DIR, fmt, table, write_json
 
 
 def _metrics(run_dir: Path, changes: dict[str, Any] | None, data_dir: str | None) -> dict[str, Any]:
     """The run's evaluation with ``changes`` (``None``: its own metrics.json), computed if not there yet."""
-    folder = run_dir if changes is None else run_dir / EVALS_DIR / changes_label(changes)
+    folder = run_dir if changes is None else solver_changes_dir(run_dir, changes)
     path = folder / "metrics.json"
     if path.is_file():
         metrics = json.loads(path.read_text())

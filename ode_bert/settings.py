@@ -27,6 +27,7 @@ import json
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .layers import parse_layers
@@ -395,6 +396,26 @@ def check_stored_config(value: Any, source: str = "model.config") -> dict[str, A
                 raise ValueError(f"{where}: key {key!r} must be {expected}, got {setting!r}")
     settings["version"] = CONFIG_VERSION
     return settings
+
+
+# --------------------------------------------------------------------------------------------------
+# Solver changes at evaluation: where their results live
+# --------------------------------------------------------------------------------------------------
+
+# RUN_DIR/evals/<changes>/: what a run scored with other solver settings than the trained ones (``ode-bert
+# eval --solver``, ``ode-bert attack --solver``), beside the run's own results (trained settings)
+EVALS_DIR = "evals"
+
+
+def changes_label(changes: Mapping[str, Any]) -> str:
+    """The folder name of solver ``changes`` (``{"tol": 0.1}``: ``tol=0.1``): ``key=value`` pairs sorted by
+    key, values as compact JSON."""
+    return ",".join(f"{k}={json.dumps(changes[k], sort_keys=True).replace(' ', '')}" for k in sorted(changes))
+
+
+def solver_changes_dir(run_dir: str | Path, changes: Mapping[str, Any]) -> Path:
+    """``RUN_DIR/evals/<changes_label>``: a run's results evaluated or attacked with solver ``changes``."""
+    return Path(run_dir) / EVALS_DIR / changes_label(changes)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ the text recipes' constraints."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import random
@@ -34,6 +35,7 @@ from ode_bert.evaluate import predict
 from ode_bert.experiments.report import format_attack_report
 from ode_bert.experiments.stats import bootstrap_over_examples_and_seeds, mcnemar
 from ode_bert.io import FolderBusyError, exclusive, write_json_atomic
+from ode_bert.settings import ODESettings
 from ode_bert.train import TrainConfig, apply_variant
 
 DATA_DIR = Path(os.environ.get(data.DATA_DIR_ENV) or Path(__file__).resolve().parents[1] / "../shared/data")
@@ -330,8 +332,53 @@ def test_deepwordbug_on_a_run_folder_and_the_paired_report(tiny_model: str, tmp_
         for r in read_records(run_dir / "attacks" / "sst2-deepwordbug" / "records.jsonl"):
             if r["clean_correct"]:
                 assert r["edit_distance"] <= 6 and r["queries"] >= 1 + r["words_total"]
-    report = format_attack_report(runs, config, [("ex", "bert")])
+    report = format_attack_report(runs, config, [("ex", "bert"), ("im", "ex")])
     assert "| bert | 2 |" in report and "ex − bert, 2 shared seed(s)" in report
+    unpaired = "No paired comparison for im − ex: no group has both with a shared seed (variants: bert, ex;"
+    assert unpaired in report
+
+
+@needs_data
+@pytest.mark.filterwarnings("ignore::solvers.ConvergenceWarning")
+def test_attack_with_solver_changes_attacks_the_changed_model_in_its_own_folder(
+    tiny_model: str, tmp_path: Path
+) -> None:
+    """``solver_changes``: the attack's clean predictions are those of the model converted by hand with the
+    changed tolerance, its solves ran at that tolerance with fewer iterations, its files go to
+    evals/<changes>/attacks/ beside the untouched trained attack, and the report pairs it with the trained
+    settings (an unfinished one is left out, named); a stock model is refused before any file is written."""
+    im = _make_run(tmp_path / "grid", tiny_model, "im")
+    trained = AttackConfig(recipe="deepwordbug", limit=6, batch_size=3, budget=6)
+    trained_summary = attack_run(im, trained, progress=False)
+    trained_records = (im / "attacks" / "sst2-deepwordbug" / "records.jsonl").read_text()
+    changed = dataclasses.replace(trained, solver_changes={"tol": 0.5})
+    summary = attack_run(im, changed, progress=False)
+
+    folder = im / "evals" / "tol=0.5" / "attacks" / "sst2-deepwordbug"
+    assert json.loads((folder / "config.json").read_text())["solver_changes"] == {"tol": 0.5}
+    assert (im / "attacks" / "sst2-deepwordbug" / "records.jsonl").read_text() == trained_records
+    model = ode_bert.from_pretrained(im / "model", BertForSequenceClassification)
+    settings = dataclasses.replace(ODESettings.from_dict(model.config.ode_bert), tol=0.5)
+    ode_bert.convert(model, settings)
+    examples = data.stratified_subset(data.load_clean_dev("sst2", DATA_DIR)["sst2"], 6, 0)
+    predictions = predict(model, AutoTokenizer.from_pretrained(im / "model"), examples, max_length=32)
+    records = read_records(folder / "records.jsonl")
+    assert [r["clean_correct"] for r in records] == [p == ex.label for p, ex in zip(predictions, examples)]
+    assert summary["solver_settings"]["tol"] == 0.5
+    solves, trained_solves = summary["solver_this_call"], trained_summary["solver_this_call"]
+    assert solves["tol"] == 0.5 and solves["max_rel_residual"] <= 0.5
+    assert solves["mean_iterations"] < trained_solves["mean_iterations"]
+
+    attack_run(im, dataclasses.replace(trained, solver_changes={"tol": 0.2}), stop_after=1, progress=False)
+    report = format_attack_report([im], trained, [])
+    assert "| im@tol=0.5 | 1 |" in report and "im@tol=0.5 − im, 1 shared seed(s)" in report
+    assert f"not finished (no summary.json yet): {im}@tol=0.2" in report
+    assert "| im@tol=0.2 | 1 |" in format_attack_report([im], trained, [], partial=True)
+
+    bert = _make_run(tmp_path / "grid", tiny_model, "bert")
+    with pytest.raises(ValueError, match="stock model"):
+        attack_run(bert, changed, progress=False)
+    assert not (bert / "evals").exists()
 
 
 def _bag_of_words_probs(positive: set[str], offset: float = 0.0):  # noqa: ANN202

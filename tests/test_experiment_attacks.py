@@ -123,15 +123,15 @@ def test_attacks_of_implicit_models_with_unconfirmed_white_box_flips_are_flagged
     summary = summarize_records(records, PGD)
     settings = json.loads((folder / "config.json").read_text())
     write_json_atomic(folder / "summary.json", {**summary, "sources": ["white-box", "transfer"]})
-    assert unconfirmed_flips(run_dir, "sst2", "pgd-l2") is None  # no unroll source: no implicit layers
+    assert unconfirmed_flips(folder) is None  # no unroll source: no implicit layers
     write_json_atomic(folder / "summary.json", {**summary, "sources": ["white-box", "unroll", "transfer"]})
     # example 1 flips by white-box at 0.05 only; example 2 is flipped by unroll first; example 3 is wrong
-    assert unconfirmed_flips(run_dir, "sst2", "pgd-l2") == [0, 1]
-    assert unconfirmed_flips(run_dir, "sst2", "pgd-l2", examples=[0, 2, 3]) is None
+    assert unconfirmed_flips(folder) == [0, 1]
+    assert unconfirmed_flips(folder, examples=[0, 2, 3]) is None
     # the first source to flip each correct example, per radius (example 2: unroll at 0.01, then white-box)
-    assert flips_by_source(run_dir, "sst2", "pgd-l2", [0, 1, 2, 3]) == {"unroll": [1, 0], "white-box": [0, 2]}
+    assert flips_by_source(folder, [0, 1, 2, 3]) == {"unroll": [1, 0], "white-box": [0, 2]}
     write_json_atomic(folder / "config.json", {**settings, FLIPS_CONFIRMED: True})
-    assert unconfirmed_flips(run_dir, "sst2", "pgd-l2") is None  # attacked with confirmation
+    assert unconfirmed_flips(folder) is None  # attacked with confirmation
 
 
 def test_interim_report_compares_unfinished_attacks_on_examples_every_run_completed(tmp_path: Path) -> None:

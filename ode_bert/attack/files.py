@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from ..settings import EVALS_DIR, solver_changes_dir
 
 ATTACKS_DIR = "attacks"
 RECORDS_FILE = "records.jsonl"
@@ -19,9 +22,20 @@ FLIPS_CONFIRMED = "flips_confirmed_on_target"
 _RUN_NAME = re.compile(r"^(?P<variant>.+)-seed(?P<seed>\d+)$")
 
 
-def attack_folder(run_dir: str | Path, split: str, recipe: str) -> Path:
-    """``RUN_DIR/attacks/<split>-<recipe>``: one attack's files."""
-    return Path(run_dir) / ATTACKS_DIR / f"{split}-{recipe}"
+def attack_folder(
+    run_dir: str | Path, split: str, recipe: str, solver_changes: Mapping[str, Any] | None = None
+) -> Path:
+    """``RUN_DIR/attacks/<split>-<recipe>``: one attack's files; with ``solver_changes`` (the model attacked
+    with other solver settings than the trained ones) ``RUN_DIR/evals/<changes>/attacks/<split>-<recipe>``."""
+    base = Path(run_dir) if solver_changes is None else solver_changes_dir(run_dir, solver_changes)
+    return base / ATTACKS_DIR / f"{split}-{recipe}"
+
+
+def solver_change_attacks(run_dir: str | Path, split: str, recipe: str) -> dict[str, Path]:
+    """The attacks of ``run_dir`` with solver changes (``attack_folder``), by the changes' label
+    (``tol=0.1``), finished or not."""
+    pattern = f"*/{ATTACKS_DIR}/{split}-{recipe}/{ATTACK_CONFIG_FILE}"
+    return {path.parents[2].name: path.parent for path in sorted((Path(run_dir) / EVALS_DIR).glob(pattern))}
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:

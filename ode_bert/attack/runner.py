@@ -32,8 +32,9 @@ from tqdm.auto import tqdm
 
 from solvers import ConvergenceWarning
 
+from ..convert import convert
 from ..data import Example, get_task, load_clean_dev
-from ..evaluate import DEV_SUBSET_SEED, _load_run_model
+from ..evaluate import DEV_SUBSET_SEED, _load_run_model, evaluation_settings
 from ..io import atomic_open, exclusive, write_json_atomic
 from ..train import (
     CONFIG_FILE,
@@ -94,6 +95,9 @@ class AttackConfig:
     experiment folder, ``"none"``, or a run folder), ``unroll`` (also attack implicit models with
     ``grad="unroll"``). DeepWordBug: ``budget`` (total Levenshtein distance). PWWS: ``wordnet`` (a WordNet
     database folder). ``limit``: a fixed stratified subset of this many examples (the same for every run).
+    ``solver_changes``: attack the model with these solver settings instead of the trained ones
+    (``{"tol": 0.1}``, as ``evaluate``'s; the transfer twin keeps its own); the files then go to
+    ``RUN_DIR/evals/<changes>/attacks/``.
     """
 
     recipe: str
@@ -109,6 +113,7 @@ class AttackConfig:
     unroll: bool = True
     budget: int = 30
     wordnet: str | None = None
+    solver_changes: dict[str, Any] | None = None
 
     def validate(self) -> None:
         if self.recipe not in RECIPES:
@@ -133,6 +138,11 @@ class AttackConfig:
                 raise ValueError(f"radii must be finite numbers >= 0, got {radii}")
             if radii != sorted(set(radii)):
                 raise ValueError(f"radii must be distinct and increasing, got {radii}")
+        changes = self.solver_changes
+        if changes is not None and (not isinstance(changes, dict) or not changes):
+            raise ValueError(
+                f"solver_changes must be a non-empty dict of settings such as {{'tol': 0.1}}, got {changes!r}"
+            )
         if self.recipe == "pwws" and not self.wordnet:
             raise ValueError(
                 "recipe pwws needs a WordNet database folder (--wordnet DIR, e.g. "
@@ -156,6 +166,8 @@ class AttackConfig:
             del values["budget"]
         if self.recipe != "pwws":
             del values["wordnet"]
+        if self.solver_changes is None:  # as attacks saved before the option existed
+            del values["solver_changes"]
         return values
 
 
@@ -178,7 +190,7 @@ def resolve_split(task: str, split: str) -> str:
 
 
 def attack_dir(run_dir: str | Path, task: str, config: AttackConfig) -> Path:
-    return attack_folder(run_dir, resolve_split(task, config.split), config.recipe)
+    return attack_folder(run_dir, resolve_split(task, config.split), config.recipe, config.solver_changes)
 
 
 def find_twin(run_dir: str | Path) -> Path | None:
@@ -242,8 +254,15 @@ def _examples(config: AttackConfig, train: dict[str, Any], data_dir: str | None)
 class _Target:
     """The attacked model, its tokenizer and how long its text inputs may be."""
 
-    def __init__(self, run_dir: Path, device: torch.device) -> None:
+    def __init__(
+        self, run_dir: Path, device: torch.device, solver_changes: dict[str, Any] | None = None
+    ) -> None:
         self.model, self.tokenizer = _load_run_model(run_dir / MODEL_DIR)
+        self.solver_settings = None  # the trained ones
+        if solver_changes is not None:
+            settings = evaluation_settings(run_dir, solver_changes)
+            convert(self.model, settings)
+            self.solver_settings = settings.to_dict()
         self.model = self.model.to(device).eval()
         self.max_length = read_train_config(run_dir)["max_length"]
         self.device = device
@@ -281,6 +300,8 @@ def attack_run(
         raise FileNotFoundError(
             f"{run_dir} is not a finished training run (expected {CONFIG_FILE} and {MODEL_DIR}/)"
         )
+    if config.solver_changes is not None:  # checked before any work (a stock model has no solver settings)
+        evaluation_settings(run_dir, config.solver_changes)
     train = read_train_config(run_dir)
     out = attack_dir(run_dir, train["task"], config)
     with exclusive(out, f"attack {config.recipe!r} of {run_dir}"):
@@ -305,7 +326,7 @@ def _attack_locked(
     if config.is_pgd:  # older attacks lack it: resuming one is refused, reports flag it (unconfirmed_flips)
         settings[FLIPS_CONFIRMED] = True
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    target = _Target(run_dir, device)
+    target = _Target(run_dir, device, config.solver_changes)
     if config.is_pgd and is_implicit(target.model) and config.transfer != "none":
         twin = find_twin(run_dir) if config.transfer == "auto" else Path(config.transfer)
         if twin is not None:
@@ -383,6 +404,8 @@ def _attack_locked(
     )
     kinds = ("seconds", "clean_seconds", "forwards", "gradients")
     totals = {k: sum(c[k] for c in chunk_costs) for k in kinds}
+    if config.solver_changes is not None:
+        summary["solver_settings"] = target.solver_settings
     summary["costs"] = {**totals, "per_example_seconds": totals["seconds"] / len(done)}
     if totals["clean_seconds"] > 0:
         summary["cost_vs_clean_evaluation"] = totals["seconds"] / totals["clean_seconds"]

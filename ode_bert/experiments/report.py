@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..attack.files import FLIPS_CONFIRMED
 from ..io import atomic_open
@@ -210,45 +210,93 @@ def plot_differences(
     return rows
 
 
+class AttackedRun(NamedTuple):
+    """One attack of a run as a report lists it: ``changes`` is the label of its solver changes (``ode-bert
+    attack --solver``; ``None``: the trained settings), an attack with changes a variant of its own in every
+    table (``<variant>@<changes>``)."""
+
+    run_dir: Path
+    group: str
+    run_variant: str
+    seed: int
+    folder: Path
+    changes: str | None = None
+
+    @property
+    def variant(self) -> str:
+        return self.run_variant if self.changes is None else f"{self.run_variant}@{self.changes}"
+
+    @property
+    def name(self) -> str:
+        return str(self.run_dir) if self.changes is None else f"{self.run_dir}@{self.changes}"
+
+
+def attacked_runs(
+    run_dirs: list[Path], split: str, recipe: str, partial: bool = False
+) -> tuple[list[AttackedRun], list[str]]:
+    """(attacks, left out) of one attack over ``run_dirs``: each run's attack with its trained settings and
+    every attack with solver changes it holds (``attack.files.solver_change_attacks``). Unfinished attacks
+    with solver changes are left out (named ``<run>@<changes>``) unless ``partial``; a run with no attack at
+    all is a ``FileNotFoundError``."""
+    from ..attack.files import SUMMARY_FILE, attack_folder, run_identity, solver_change_attacks
+
+    found, left_out = [], []
+    for run_dir in map(Path, run_dirs):
+        group, variant, seed = run_identity(run_dir)
+        trained = attack_folder(run_dir, split, recipe)
+        changed = solver_change_attacks(run_dir, split, recipe)
+        if trained.is_dir() or not changed:  # no attack at all: per_example_metrics names the trained folder
+            found.append(AttackedRun(run_dir, group, variant, seed, trained))
+        for label, folder in changed.items():
+            attacked = AttackedRun(run_dir, group, variant, seed, folder, label)
+            if partial or (folder / SUMMARY_FILE).is_file():
+                found.append(attacked)
+            else:
+                left_out.append(attacked.name)
+    return found, left_out
+
+
 def attack_outcomes(run_dirs: list[Path], split: str, recipe: str, partial: bool = False) -> dict[str, Any]:
     """Per group, variant and seed, the per-example outcomes of one attack (``ode_bert.attack.files``):
     ``{group: {variant: {seed: {metric: [0/1 per example]}}}}``, with the example indices under
-    ``"_examples"`` per group; runs of one group must have attacked the same examples. ``partial``: unfinished
+    ``"_examples"`` per group; attacks with solver changes are variants ``<variant>@<changes>``
+    (``attacked_runs``); runs of one group must have attacked the same examples. ``partial``: unfinished
     attacks too, every run of a group cut to the examples all of them have completed (an interim report)."""
-    from ..attack.files import attack_folder, per_example_metrics, run_identity
+    from ..attack.files import per_example_metrics
 
-    found: dict[str, list[tuple[Path, str, int, list[int], dict[str, list[bool]]]]] = {}
-    settings: dict[str, tuple[Path, dict[str, Any]]] = {}
-    for run_dir in run_dirs:
-        group, variant, seed = run_identity(Path(run_dir))
-        folder = attack_folder(run_dir, split, recipe)
-        indices, metrics = per_example_metrics(folder, partial)
-        mine = _attack_settings(folder)
-        first_run, first = settings.setdefault(group, (Path(run_dir), mine))
+    found: dict[str, list[tuple[AttackedRun, list[int], dict[str, list[bool]]]]] = {}
+    settings: dict[str, tuple[str, dict[str, Any]]] = {}
+    for attacked in attacked_runs(run_dirs, split, recipe, partial)[0]:
+        indices, metrics = per_example_metrics(attacked.folder, partial)
+        mine = _attack_settings(attacked.folder)
+        first_run, first = settings.setdefault(attacked.group, (attacked.name, mine))
         differing = sorted(k for k in set(first) | set(mine) if first.get(k) != mine.get(k))
         if differing:
-            raise ValueError(f"{run_dir}: attacked with other settings than {first_run} of group {group} "
-                             f"(differing: {differing}); attack every run of a group with the same options")
-        found.setdefault(group, []).append((Path(run_dir), variant, seed, indices, metrics))
+            raise ValueError(f"{attacked.name}: attacked with other settings than {first_run} of group "
+                             f"{attacked.group} (differing: {differing}); attack every run of a group with "
+                             "the same options")  # fmt: skip
+        found.setdefault(attacked.group, []).append((attacked, indices, metrics))
     out: dict[str, Any] = {}
     for group, runs in found.items():
-        n = min(len(indices) for _, _, _, indices, _ in runs) if partial else len(runs[0][3])
+        n = min(len(indices) for _, indices, _ in runs) if partial else len(runs[0][1])
         if n == 0:
-            raise ValueError(f"group {group}: no example is attacked in every run yet ({runs[0][0]} ...)")
-        examples = runs[0][3][:n]
+            first = runs[0][0].name
+            raise ValueError(f"group {group}: no example is attacked in every run yet ({first}, ...)")
+        examples = runs[0][1][:n]
         entry = out.setdefault(group, {"_examples": examples})
-        for run_dir, variant, seed, indices, metrics in runs:
+        for attacked, indices, metrics in runs:
             if indices[: n if partial else None] != examples:
-                raise ValueError(f"{run_dir}: attacked other examples than the other runs of group {group}; "
-                                 "attack every run with the same --split and --limit")  # fmt: skip
-            entry.setdefault(variant, {})[seed] = {k: v[:n] for k, v in metrics.items()}
+                raise ValueError(f"{attacked.name}: attacked other examples than the other runs of group "
+                                 f"{group}; attack every run with the same --split and --limit")  # fmt: skip
+            entry.setdefault(attacked.variant, {})[attacked.seed] = {k: v[:n] for k, v in metrics.items()}
     return out
 
 
 # attack settings that may differ between the runs of one comparison: where the transfer source lives, the
-# batch size (every random choice is drawn per example, so it does not change what is attacked), and whether
-# flips were confirmed on the evaluated model (attacks from before are flagged: ``unconfirmed_flips``)
-_RUN_SPECIFIC_ATTACK_SETTINGS = ("transfer_from", "batch_size", FLIPS_CONFIRMED)
+# batch size (every random choice is drawn per example, so it does not change what is attacked), whether
+# flips were confirmed on the evaluated model (attacks from before are flagged: ``unconfirmed_flips``), and
+# the solver changes (part of the variant's name: ``attacked_runs``)
+_RUN_SPECIFIC_ATTACK_SETTINGS = ("transfer_from", "batch_size", FLIPS_CONFIRMED, "solver_changes")
 
 
 def _attack_settings(folder: Path) -> dict[str, Any]:
@@ -264,15 +312,14 @@ def _attack_settings(folder: Path) -> dict[str, Any]:
     return {k: v for k, v in saved.items() if k not in _RUN_SPECIFIC_ATTACK_SETTINGS}
 
 
-def unconfirmed_flips(
-    run_dir: Path, split: str, recipe: str, examples: list[int] | None = None
-) -> list[int] | None:
+def unconfirmed_flips(folder: Path, examples: list[int] | None = None) -> list[int] | None:
     """For a PGD attack of an implicit model written before flips were confirmed on the target (settings
     without ``flips_confirmed_on_target``): per radius, the examples counted as not robust only through
     white-box flips, which were read from the model's autograd forward (``g(z*)`` for ``one_step`` and
     ``implicit`` layers, not the evaluated ``z*``): how far its robust accuracy may be understated.
-    ``None`` where nothing is in doubt (confirmed flips, no implicit layers, or no such flips). ``examples``:
-    count among these example indices only (default: all attacked)."""
+    ``None`` where nothing is in doubt (confirmed flips, no implicit layers, or no such flips). ``folder``:
+    the attack's (``attack.files.attack_folder``); ``examples``: count among these example indices only
+    (default: all attacked)."""
     import json
 
     from ..attack.files import (
@@ -280,11 +327,9 @@ def unconfirmed_flips(
         COSTS_FILE,
         RECORDS_FILE,
         SUMMARY_FILE,
-        attack_folder,
         read_records,
     )
 
-    folder = attack_folder(run_dir, split, recipe)
     settings = json.loads((folder / ATTACK_CONFIG_FILE).read_text())
     if "radii" not in settings or settings.get(FLIPS_CONFIRMED):
         return None
@@ -306,14 +351,14 @@ def unconfirmed_flips(
     return counts if any(counts) else None
 
 
-def flips_by_source(run_dir: Path, split: str, recipe: str, examples: list[int]) -> dict[str, list[int]]:
-    """PGD: per gradient source, how many of ``examples`` it flipped first at each grid radius (records'
-    ``flipped_by``); a source that flips little beside the others is one whose gradients mislead."""
+def flips_by_source(folder: Path, examples: list[int]) -> dict[str, list[int]]:
+    """PGD: per gradient source, how many of ``examples`` the attack in ``folder`` flipped first at each grid
+    radius (records' ``flipped_by``); a source that flips little beside the others is one whose gradients
+    mislead."""
     import json
 
-    from ..attack.files import ATTACK_CONFIG_FILE, RECORDS_FILE, attack_folder, read_records
+    from ..attack.files import ATTACK_CONFIG_FILE, RECORDS_FILE, read_records
 
-    folder = attack_folder(run_dir, split, recipe)
     radii = json.loads((folder / ATTACK_CONFIG_FILE).read_text())["radii"]
     wanted = set(examples)
     records = [r for r in read_records(folder / RECORDS_FILE) if r["index"] in wanted and r["clean_correct"]]
@@ -322,21 +367,16 @@ def flips_by_source(run_dir: Path, split: str, recipe: str, examples: list[int])
             for name in names}  # fmt: skip
 
 
-def _source_lines(
-    run_dirs: list[Path], group: str, examples: list[int], split: str, config: Any
-) -> list[str]:
+def _source_lines(attacks: list[AttackedRun], group: str, examples: list[int], config: Any) -> list[str]:
     """Flips per gradient source, summed over the seeds of each variant of ``group`` that has several
     sources (implicit layers: white-box, unroll, transfer), one line per variant."""
-    from ..attack.files import run_identity
-
     totals: dict[str, dict[str, list[int]]] = {}
-    for run_dir in run_dirs:
-        run_group, variant, _ = run_identity(Path(run_dir))
-        if run_group != group:
+    for attacked in attacks:
+        if attacked.group != group:
             continue
-        for name, counts in flips_by_source(Path(run_dir), split, config.recipe, examples).items():
-            mine = totals.setdefault(variant, {}).setdefault(name, [0] * len(counts))
-            totals[variant][name] = [a + b for a, b in zip(mine, counts)]
+        for name, counts in flips_by_source(attacked.folder, examples).items():
+            mine = totals.setdefault(attacked.variant, {}).setdefault(name, [0] * len(counts))
+            totals[attacked.variant][name] = [a + b for a, b in zip(mine, counts)]
     lines = []
     radii = "/".join(f"{r:g}" for r in config.radii)
     for variant, by_source in totals.items():
@@ -380,15 +420,17 @@ def format_attack_report(run_dirs: list[Path], config: Any, pairs: list[tuple[st
     ``baseline`` with its 95% t interval; then for each pair ``A:B``, the difference paired by seed (t) and by
     example and seed (crossed bootstrap), and McNemar's test pooled over seeds and examples. ``partial``: an
     interim report of unfinished attacks, on the examples every run of a group has completed."""
-    from ..attack.files import SUMMARY_FILE, attack_folder, run_identity
+    from ..attack.files import SUMMARY_FILE
     from ..attack.runner import resolve_split
     from ..train import read_train_config
 
     task = read_train_config(Path(run_dirs[0]))["task"]
     split = resolve_split(task, config.split)
     outcomes = attack_outcomes(run_dirs, split, config.recipe, partial)
-    unfinished = [r for r in run_dirs
-                  if not (attack_folder(r, split, config.recipe) / SUMMARY_FILE).is_file()]  # fmt: skip
+    attacks, left_out = attacked_runs(run_dirs, split, config.recipe, partial)
+    unfinished = [a for a in attacks if not (a.folder / SUMMARY_FILE).is_file()]
+    pairs = [*pairs, *_solver_change_pairs(attacks, pairs)]
+    reported: set[tuple[str, str]] = set()
     lines = []
     for group, entry in outcomes.items():
         n = len(entry["_examples"])
@@ -416,13 +458,12 @@ def format_attack_report(run_dirs: list[Path], config: Any, pairs: list[tuple[st
             lines.append(f"| {variant} | {len(runs)} | " + " | ".join(cells) + " |")
         lines += ["", *_too_close_note(too_close)]
         if config.is_pgd:
-            lines += _source_lines(run_dirs, group, entry["_examples"], split, config)
+            lines += _source_lines(attacks, group, entry["_examples"], config)
         for a, b in pairs:
-            if a not in entry or b not in entry:
-                continue
-            shared = sorted(set(entry[a]) & set(entry[b]))
+            shared = sorted(set(entry.get(a, {})) & set(entry.get(b, {})))
             if not shared:
                 continue
+            reported.add((a, b))
             noise = "" if len(shared) > 1 else " (one seed: the bootstrap resamples examples only)"
             lines += [f"{a} − {b}, {len(shared)} shared seed(s){noise}:", "",
                       "| metric | Δ by seed [95% t CI] | Δ by example and seed [95% bootstrap CI] "
@@ -438,9 +479,8 @@ def format_attack_report(run_dirs: list[Path], config: Any, pairs: list[tuple[st
                              f"{boot['ci_high']:+.2f}] | {test['only_a']} / {test['only_b']}, "
                              f"p = {test['p_value']:.3g} |")  # fmt: skip
             lines += ["", *_too_close_note(too_close)]
-    doubts = {Path(r): unconfirmed_flips(Path(r), split, config.recipe,
-                                         outcomes[run_identity(Path(r))[0]]["_examples"]) for r in run_dirs}
-    doubts = {r: counts for r, counts in doubts.items() if counts}
+    doubts = {a.name: unconfirmed_flips(a.folder, outcomes[a.group]["_examples"]) for a in attacks}
+    doubts = {name: counts for name, counts in doubts.items() if counts}
     if doubts:
         lines += ["**Warning: white-box flips not confirmed on the evaluated model** (attacked before "
                   "ode-bert confirmed them): robust accuracy may be understated by up to these examples per "
@@ -449,7 +489,25 @@ def format_attack_report(run_dirs: list[Path], config: Any, pairs: list[tuple[st
         lines += [f"- {run}: {', '.join(map(str, counts))} examples (radii {radii})"
                   for run, counts in doubts.items()]  # fmt: skip
         lines.append("")
+    missing = [f"{a} − {b}" for a, b in pairs if (a, b) not in reported]
+    if missing:
+        found = {v for entry in outcomes.values() for v in entry} - {"_examples"}
+        variants = sorted(found, key=_variant_order)
+        lines += [f"No paired comparison for {', '.join(missing)}: no group has both with a shared seed "
+                  f"(variants: {', '.join(variants)}; --pairs A:B names them)", ""]  # fmt: skip
+    if left_out:
+        lines += [f"Left out, attacks with solver changes not finished (no summary.json yet): "
+                  f"{', '.join(left_out)}", ""]  # fmt: skip
     return "\n".join(lines)
+
+
+def _solver_change_pairs(attacks: list[AttackedRun], pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``<variant>@<changes>:<variant>`` for every attack with solver changes whose variant was attacked with
+    its trained settings too (what the changes alone do), unless ``pairs`` has it already."""
+    variants = {a.variant for a in attacks}
+    wanted = sorted({(a.variant, a.run_variant) for a in attacks
+                     if a.changes is not None and a.run_variant in variants})  # fmt: skip
+    return [pair for pair in wanted if pair not in pairs]
 
 
 def record_run_folders(
