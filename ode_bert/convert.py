@@ -129,6 +129,9 @@ class ODEConnection:
     (``ode_bert.kvcache.CachePlan``; adaptive methods are refused there). ``sequence_first`` layers (XLNet)
     are solved in the batch-first view of their state, so norms and records are per sequence.
 
+    ``eval_method``: the method of evaluation (``ODESettings.eval_tol``), used while the layer is not in
+    training mode; ``None``: ``method`` always.
+
     Warm starts (``ode_bert.warm_start``): while ``warm_start`` holds an ``InitialGuesses`` (set for one batch
     by ``WarmStartStore.batch``) and the layer is in training mode, an implicit step starts the samples it
     has a guess for from that guess instead of the explicit predictor, and hands its result back; in
@@ -150,11 +153,13 @@ class ODEConnection:
         framing: str,
         on_failure: str,
         original: Callable[..., Any] | None,
+        eval_method: Method | None = None,
     ) -> None:
         self.layer = layer
         self.index = index
         self.solver = solver
         self.method = method
+        self.eval_method = eval_method
         self.step = step
         self.framing = framing
         self.on_failure = on_failure
@@ -197,7 +202,8 @@ class ODEConnection:
         self, h: Tensor, rest_args: tuple, rest_kwargs: dict[str, Any], transposed: bool = False
     ) -> Any:
         """One ODE step from ``h``, batch-first (``transposed``: the layer takes ``h.transpose(0, 1)``)."""
-        single = _is_single_evaluation(self.method)
+        method = self.method if self.layer.training or self.eval_method is None else self.eval_method
+        single = _is_single_evaluation(method)
         cache = None if single else cache_argument(self.layer, h, rest_args, rest_kwargs)
         if self.check_finite and not all_finite(h):
             raise NonFiniteError(
@@ -205,7 +211,7 @@ class ODEConnection:
                 f"from the embeddings, the inputs or an earlier layer)"
             )
         base = self.original if self.original is not None else stock_forward(self.layer)
-        cached = self._cache_plan(*cache) if cache is not None else None
+        cached = self._cache_plan(method, *cache) if cache is not None else None
         trimmer = _RecordTrimmer()
         randomness = _RandomState(h.device) if self.layer.training else None
 
@@ -227,9 +233,9 @@ class ODEConnection:
             # not for sequence-first layers, whose arguments have the batch in another dimension
             return None if trimmer.collected or transposed else field.on_rows(index, h.shape[0])
 
-        masked = self.mask_padding and self.method.implicit
+        masked = self.mask_padding and method.implicit
         real = real_token_mask(self.layer, h, rest_args, rest_kwargs) if masked else None
-        warm = self.warm_start if self.layer.training and self.method.implicit else None
+        warm = self.warm_start if self.layer.training and method.implicit else None
         if warm is not None and cached is not None:
             raise ValueError(
                 f"{self._where()}: warm starts do not combine with a key/value cache (the cache keeps one "
@@ -239,20 +245,20 @@ class ODEConnection:
         guess = {} if start is None else {"guess": start[0], "known": start[1]}
         # Explicit steps propagate a NaN/Inf of any evaluation to their output, checked below; implicit and
         # adaptive solves may hide it (a root finder keeps its last finite iterate), so check every value.
-        hidden_nan = self.check_finite and (self.method.implicit or self.method.adaptive)
+        hidden_nan = self.check_finite and (method.implicit or method.adaptive)
         try:
-            if self.method.adaptive:
+            if method.adaptive:
                 scale = self.step
                 f = _watch_budget(lambda t, y: scale * field(t, y), self)
-                h_next, info = self.method.step(
+                h_next, info = method.step(
                     self._checked(f, field) if hidden_nan else f, float(self.index), h, 1.0
                 )
             elif real is None or bool(real.all()):
                 rowwise = solvers.RowMap(field, field_rows)
                 f = self._checked(rowwise, field) if hidden_nan else rowwise
-                h_next, info = self.method.step(f, float(self.index), h, self.step, **guess)
+                h_next, info = method.step(f, float(self.index), h, self.step, **guess)
             else:
-                h_next, info = self._step_real_tokens(field, h, real, hidden_nan, field_rows, **guess)
+                h_next, info = self._step_real_tokens(method, field, h, real, hidden_nan, field_rows, **guess)
         except BaseException as err:
             if cached is not None:  # the cache as it was before the step
                 cached.abandon()
@@ -275,20 +281,20 @@ class ODEConnection:
             return (h_next, *field.last_extras)
         return h_next
 
-    def _cache_plan(self, name: str, cache: Any) -> Any:
+    def _cache_plan(self, method: Method, name: str, cache: Any) -> Any:
         """The ``CachePlan`` that keeps this step's keys and values exact (see ``ode_bert.kvcache``)."""
         from .kvcache import CachePlan
 
         signature = f"{self.solver} (step {self.step:g}, field={self.framing!r})"
         where = f"layer {self.index} ({self.solver}; cache argument {name!r})"
-        return CachePlan.prepare(self.layer, cache, self.method, signature, where)
+        return CachePlan.prepare(self.layer, cache, method, signature, where)
 
     def _step_real_tokens(
-        self, field: LayerField, h: Tensor, real: Tensor, check: bool = False,
+        self, method: Method, field: LayerField, h: Tensor, real: Tensor, check: bool = False,
         rows: Callable[[Tensor], LayerField | None] | None = None,
         guess: Tensor | None = None, known: Tensor | None = None,
     ) -> tuple[Tensor, StepInfo]:
-        """Step only the real tokens; padding positions keep ``h``.
+        """Step only the real tokens with ``method``; padding positions keep ``h``.
 
         The method integrates ``y = h - held`` (zero at padding) under ``keep * f(y + held)``, with
         ``held`` the padding part of ``h``: the field vanishes at padding, so ``y`` stays zero there and
@@ -311,7 +317,7 @@ class ODEConnection:
 
         f = solvers.RowMap(f_all, f_rows)
         warm = {} if guess is None else {"guess": guess * keep, "known": known}
-        h_next, info = self.method.step(
+        h_next, info = method.step(
             self._checked(f, field) if check else f, float(self.index), h * keep, self.step, **warm
         )
         return h_next + held, info
@@ -327,8 +333,9 @@ class ODEConnection:
         solvers.report_failure(self.on_failure, message, stacklevel=3)
 
     def __repr__(self) -> str:
+        evaluation = "" if self.eval_method is None else f", eval_method={self.eval_method!r}"
         return (
-            f"ODEConnection(layer={self.index}, method={self.method!r}, step={self.step}, "
+            f"ODEConnection(layer={self.index}, method={self.method!r}{evaluation}, step={self.step}, "
             f"field={self.framing!r})"
         )
 
@@ -432,6 +439,7 @@ def convert(
     tol: float | None = None,
     max_iter: int | None = None,
     layers_path: str | None = None,
+    eval_tol: float | None = None,
     **solver_options: Any,
 ) -> nn.Module:
     """Make the selected encoder layers ODE-solver steps, in place; returns ``model``.
@@ -440,9 +448,9 @@ def convert(
     arguments make the settings: ``convert(model, "rk4", layers="0-2", step=0.5)`` is ``convert(model,
     ODESettings(solver="rk4", layers="0-2", step=0.5))``; unset (``None``) ones take the ``ODESettings``
     defaults (every layer, step 1, ``field="residual"``, the solver's own ``root``/``grad``/``tol``/
-    ``max_iter``). With an ``ODESettings``, set arguments replace its fields and other keywords are added to
-    its ``solver_options``. See ``ODESettings`` for what each setting means; ``field="residual"`` with
-    ``euler`` and step 1 is the stock model.
+    ``max_iter``; ``eval_tol`` = ``tol``). With an ``ODESettings``, set arguments replace its fields and other
+    keywords are added to its ``solver_options``. See ``ODESettings`` for what each setting means;
+    ``field="residual"`` with ``euler`` and step 1 is the stock model.
 
     ``layers_path`` names the stack of blocks (``"encoder.block"``) where ``find_layers`` cannot decide; it is
     stored in ``model.config`` (``ode_bert_layers_path``) so that reloading finds the same stack. Before any
@@ -456,7 +464,7 @@ def convert(
     the layers as indices).
     """
     given = {"layers": layers, "step": step, "field": field, "root": root, "grad": grad, "tol": tol,
-             "max_iter": max_iter}  # fmt: skip
+             "eval_tol": eval_tol, "max_iter": max_iter}  # fmt: skip
     given = {k: v for k, v in given.items() if v is not None}
     if not isinstance(solver, ODESettings):
         settings = ODESettings(solver=solver, **given, solver_options=solver_options)
@@ -472,6 +480,7 @@ def convert(
     layer_list = find_layers(model, layers_path)
     indices = parse_layers(settings.layers, len(layer_list))
     method = settings.make_method(on_failure="ignore")  # the connections report failures, naming the layer
+    eval_method = settings.make_method("ignore", evaluation=True) if settings.eval_tol is not None else None
     if not _is_single_evaluation(method) and _decoder_with_cache(model, layer_list):
         from .kvcache import stage_plan
 
@@ -493,7 +502,7 @@ def convert(
     def connection(layer: nn.Module, index: int, original: Any) -> ODEConnection:
         made = ODEConnection(
             layer, index, settings.solver, method, settings.step, settings.field, settings.on_failure,
-            original,
+            original, eval_method,
         )  # fmt: skip
         if sequence_first:
             made.sequence_first = True

@@ -153,8 +153,9 @@ def evaluation_settings(run_dir: str | Path, changes: Mapping[str, Any]) -> ODES
     """The ODE settings a run was trained with, ``changes`` applied (settings such as ``tol``, ``max_iter``,
     ``root``, ``solver``; other keys are solver options such as ``compact_rows``); checked, so bad changes
     fail before any work. With another ``solver``, the trained settings and options that method does not take
-    (an implicit solve's ``tol``, ``grad``, ... for ``euler``) are dropped. A run without ODE layers
-    (``bert``) is a ``ValueError``."""
+    (an implicit solve's ``tol``, ``eval_tol``, ``grad``, ... for ``euler``) are dropped. A changed ``tol``
+    without ``eval_tol`` clears the trained ``eval_tol``, so that evaluation solves to the ``tol`` asked for.
+    A run without ODE layers (``bert``) is a ``ValueError``."""
     config_json = Path(run_dir) / MODEL_DIR / "config.json"
     stored = stored_conversion(Path(run_dir))
     if stored is None:
@@ -166,12 +167,15 @@ def evaluation_settings(run_dir: str | Path, changes: Mapping[str, Any]) -> ODES
         raise ValueError(f"solver changes must be a non-empty mapping of settings, got {changes!r}")
     trained = ODESettings.from_dict(stored, str(config_json))
     fields = {k: v for k, v in changes.items() if k in SETTING_NAMES and k != "solver_options"}
+    if "tol" in fields and "eval_tol" not in fields:  # a changed tol is the one evaluation solves to
+        fields["eval_tol"] = None
     kept = trained.solver_options
     if fields.get("solver", trained.solver) != trained.solver:  # carry over only what the new method takes
         import solvers
 
         accepted = solvers.option_names(solvers.METHODS.lookup(fields["solver"]))
-        fields = {**{k: None for k in METHOD_SETTINGS if k not in accepted}, **fields}
+        dropped = [k for k in METHOD_SETTINGS if k not in accepted] + ["eval_tol"] * ("tol" not in accepted)
+        fields = {**{k: None for k in dropped}, **fields}
         kept = {k: v for k, v in kept.items() if k in accepted}
     options = {k: v for k, v in changes.items() if k not in SETTING_NAMES}
     options = {**kept, **changes.get("solver_options", {}), **options}

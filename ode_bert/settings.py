@@ -1,7 +1,7 @@
 """One settings object for a conversion: ``ODESettings``, its presets, its stored form, and the variants.
 
-``ODESettings`` holds everything ``convert`` needs (solver, layers, step, field, root, grad, tol, max_iter,
-solver_options), validated once when it is made, with the suggestions the solver registry gives::
+``ODESettings`` holds everything ``convert`` needs (solver, layers, step, field, root, grad, tol, eval_tol,
+max_iter, solver_options), validated once when it is made, with the suggestions the solver registry gives::
 
     settings = ODESettings(solver="rk4", layers="0-2", step=0.5)
     ode_bert.convert(model, settings)                    # same as convert(model, "rk4", layers="0-2", ...)
@@ -154,7 +154,10 @@ class ODESettings:
     a sequence of indices (a tuple once made). ``step``: the step size of every converted layer.
     ``field``: ``"residual"`` (``f = Layer(h) - h``; ``euler`` with step 1 is the stock model) or
     ``"layer"`` (``f = Layer(h)``, the IM-BERT drawing). ``root``, ``grad``, ``tol``, ``max_iter``: the
-    implicit solve (implicit solvers only; ``None`` = the solver's default). ``solver_options``: the
+    implicit solve (implicit solvers only; ``None`` = the solver's default). ``eval_tol``: the tolerance of
+    that solve in evaluation, when the layers are not in training mode (``None``: ``tol``); training needs a
+    tighter solve than evaluation (RESULTS.md, issue 18), and evaluation is most of a deployed model's cost.
+    ``solver_options``: the
     method's other options, JSON-serialisable (e.g. ``rtol``/``atol`` of adaptive solvers, ``on_failure``
     and ``root_options`` of implicit ones); an adaptive solver's unset ``rtol``/``atol`` are filled in from
     ``ADAPTIVE_DEFAULTS``.
@@ -171,6 +174,9 @@ class ODESettings:
     root: str | None = _setting(None, "root finder of implicit solvers", choices=ROOT_FINDER_NAMES)
     grad: str | None = _setting(None, "gradient mode of implicit solvers", choices=GRAD_MODES)
     tol: float | None = _setting(None, "relative tolerance of the implicit solve", type=float)
+    eval_tol: float | None = _setting(
+        None, "relative tolerance of the implicit solve in evaluation (model.eval()); unset: tol", type=float
+    )
     max_iter: int | None = _setting(None, "iteration cap of the implicit solve", type=int)
     solver_options: dict[str, Any] = _setting({}, "other options of the step method", type=None)
 
@@ -199,6 +205,11 @@ class ODESettings:
                 f"solver options must be JSON-serialisable (saved with the model): {err}"
             ) from None
         self.make_method()  # checks the solver, its options and their values against the registry
+        if self.eval_tol is not None:  # its value, as the root finder checks tol's
+            try:
+                self.make_method(evaluation=True)
+            except (ValueError, TypeError) as err:
+                raise type(err)(f"eval_tol: {err}") from None
         if is_adaptive(self.solver):  # unset tolerances: the practical defaults, stored with the settings
             object.__setattr__(self, "solver_options", {**ADAPTIVE_DEFAULTS, **self.solver_options})
 
@@ -219,10 +230,11 @@ class ODESettings:
             return "ignore"
         return self.solver_options.get("on_failure", "warn")
 
-    def make_method(self, on_failure: str | None = None) -> Method:
+    def make_method(self, on_failure: str | None = None, evaluation: bool = False) -> Method:
         """A new step method for these settings (``solvers.get``). ``on_failure``, if given, replaces the
         failure policy of a method that has one (``convert`` passes ``"ignore"`` and applies
-        ``self.on_failure`` itself, naming the layer)."""
+        ``self.on_failure`` itself, naming the layer). ``evaluation``: the method of evaluation, which solves
+        to ``eval_tol`` where that is set."""
         import solvers
 
         cls = solvers.METHODS.lookup(self.solver)
@@ -232,6 +244,8 @@ class ODESettings:
             raise ValueError(f"Unknown gradient mode {self.grad!r}.{hint} Valid modes: {', '.join(modes)}")
         accepted = solvers.option_names(cls)
         misplaced = [k for k in METHOD_SETTINGS if getattr(self, k) is not None and k not in accepted]
+        if self.eval_tol is not None and "tol" not in accepted:
+            misplaced.append("eval_tol")
         if misplaced:
             implicit = [name for name, klass in solvers.METHODS.items() if klass.implicit]
             raise ValueError(
@@ -239,6 +253,8 @@ class ODESettings:
                 f"({', '.join(implicit) or 'none registered'}); solver {self.solver!r} does not take them"
             )
         options = self.method_options()
+        if evaluation and self.eval_tol is not None:
+            options["tol"] = self.eval_tol
         if "on_failure" in accepted:  # otherwise the registry rejects on_failure by name
             solvers.check_on_failure(options.get("on_failure", "warn"))
             if on_failure is not None:
@@ -291,14 +307,17 @@ CONFIG_KEY = "ode_bert"
 # The stored configuration (``model.config.ode_bert``, saved in config.json) is versioned. Version 1 is every
 # configuration saved before the "version" key existed: it has always had exactly ``CONFIG_KEYS_V1``, and
 # loading requires all of them. Version 2 adds the "version" key. A key introduced in a later version goes
-# into ``CONFIG_ADDED_KEYS`` with the version that introduced it and the default that reproduces what older
-# versions did: a configuration older than that version loads with the default and a warning; a newer one
-# must have the key. Unknown keys are an error (see ``check_stored_config``).
-CONFIG_VERSION = 2
+# into ``CONFIG_ADDED_KEYS`` with the version that introduced it, the default that reproduces what older
+# versions did, and whether loading an older configuration says so: a configuration older than that version
+# loads with the default (and a warning where the flag is set, for a default a user may not expect); a newer
+# one must have the key. Unknown keys are an error (see ``check_stored_config``).
+CONFIG_VERSION = 3
 CONFIG_KEYS_V1: tuple[str, ...] = (
     "solver", "layers", "step", "field", "root", "grad", "tol", "max_iter", "solver_options"
 )
-CONFIG_ADDED_KEYS: dict[str, tuple[int, Any]] = {}  # key -> (version that added it, default for older ones)
+# key -> (version that added it, default for older ones, warn when it is taken). eval_tol: an older model
+# solves to its tol in evaluation as it always did, so nothing changes and there is nothing to warn about.
+CONFIG_ADDED_KEYS: dict[str, tuple[int, Any, bool]] = {"eval_tol": (3, None, False)}
 
 
 def not_a_dict(value: Any, source: str) -> str:
@@ -333,6 +352,7 @@ _TYPE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "root": (lambda v: v is None or isinstance(v, str), "null or a root finder name (string)"),
     "grad": (lambda v: v is None or isinstance(v, str), "null or a gradient mode name (string)"),
     "tol": (lambda v: v is None or _is_number(v), "null or a number"),
+    "eval_tol": (lambda v: v is None or _is_number(v), "null or a number"),
     "max_iter": (lambda v: v is None or _is_int(v), "null or an integer"),
     "solver_options": (lambda v: isinstance(v, dict), "a JSON object of solver options"),
 }
@@ -346,7 +366,8 @@ def check_stored_config(value: Any, source: str = "model.config") -> dict[str, A
     key of ``CONFIG_KEYS_V1``. Missing keys, keys of the wrong type, unknown keys and versions newer than
     ``CONFIG_VERSION`` are ``ValueError`` naming the key and ``source``: a stored setting is never replaced
     by a default silently. Only a key added after the configuration's version (``CONFIG_ADDED_KEYS``) takes
-    its documented default, with a ``UserWarning``. ``ODESettings.from_dict`` makes the settings object.
+    its documented default, which reproduces what that version computed (with a ``UserWarning`` where the
+    key's entry asks for one). ``ODESettings.from_dict`` makes the settings object.
 
     Unknown keys are errors rather than warnings: every ode-bert that writes a key also writes a version
     that names it, so an unknown key at a known version is a typo or a hand edit, and ignoring it would
@@ -364,7 +385,8 @@ def check_stored_config(value: Any, source: str = "model.config") -> dict[str, A
             f"{where} has version {version}, written by a newer ode-bert; this ode-bert reads versions "
             f"1..{CONFIG_VERSION}: upgrade ode-bert to load this model"
         )
-    known = set(CONFIG_KEYS_V1) | set(CONFIG_ADDED_KEYS) | ({"version"} if version >= 2 else set())
+    added_by_then = {k for k, (added, _, _) in CONFIG_ADDED_KEYS.items() if added <= version}
+    known = set(CONFIG_KEYS_V1) | added_by_then | ({"version"} if version >= 2 else set())
     unknown = [k for k in value if k not in known]
     if unknown:
         hints = "".join(_suggest(str(k), sorted(known)) for k in unknown)
@@ -372,7 +394,7 @@ def check_stored_config(value: Any, source: str = "model.config") -> dict[str, A
             f"{where}: unknown key(s) {', '.join(map(repr, unknown))} for config version {version}.{hints} "
             f"Valid keys: {', '.join(sorted(known))}"
         )
-    required = list(CONFIG_KEYS_V1) + [k for k, (added, _) in CONFIG_ADDED_KEYS.items() if added <= version]
+    required = list(CONFIG_KEYS_V1) + sorted(added_by_then)
     missing = [k for k in required if k not in value]
     if missing:
         raise ValueError(
@@ -380,14 +402,15 @@ def check_stored_config(value: Any, source: str = "model.config") -> dict[str, A
             f"{', '.join(required)}. The file is incomplete or was edited: re-save the model from ode_bert"
         )
     settings = dict(value)
-    for key, (added, default) in CONFIG_ADDED_KEYS.items():
-        if key not in settings:
+    for key, (added, default, warn) in CONFIG_ADDED_KEYS.items():
+        if key not in settings and warn:
             warnings.warn(
                 f"{where} (config version {version}) has no {key!r}, added in version {added}: using "
                 f"the default {default!r}, which is what older versions did",
                 UserWarning,
                 stacklevel=3,
             )
+        if key not in settings:
             settings[key] = copy.deepcopy(default)
     for key, setting in settings.items():
         if key in _TYPE_CHECKS:
@@ -454,6 +477,8 @@ def settings_taken_by(variant: str) -> tuple[str, ...]:
 
     accepted = set(option_names(METHODS.lookup(PRESETS[preset]["solver"])))
     taken = {"layers", "step", "field"} | (accepted & set(METHOD_SETTINGS))
+    if "tol" in accepted:
+        taken.add("eval_tol")
     if accepted - set(METHOD_SETTINGS):
         taken.add("solver_options")
     return tuple(name for name in SETTING_NAMES if name in taken)

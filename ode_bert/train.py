@@ -75,7 +75,7 @@ RUN_FILES = (CONFIG_FILE, CHECKPOINT, LEGACY_CHECKPOINT, HISTORY_FILE, "metrics.
 # settings that say where a run is, not what it is: moving a run folder keeps it the same run
 LOCATION_SETTINGS = frozenset({"output_dir"})
 # settings added after runs were recorded without them: a saved run lacking one had its value here
-LATER_SETTINGS: dict[str, Any] = {"warm_start": False}
+LATER_SETTINGS: dict[str, Any] = {"warm_start": False, "eval_tol": None}
 
 
 class RunDirError(OSError, ValueError):

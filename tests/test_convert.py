@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import pickle
 import warnings
 
@@ -23,6 +24,7 @@ from transformers import (
 import ode_bert
 import solvers
 from ode_bert import LayerField, convert, find_layers, parse_layers, solver_stats, unconvert
+from ode_bert.convert import reapply
 
 VOCAB = 99
 TINY = {"vocab_size": VOCAB, "num_attention_heads": 4, "intermediate_size": 37}
@@ -184,6 +186,38 @@ def test_state_dict_unchanged_reconvert_and_unconvert() -> None:
         assert vars(find_layers(clone)[0])["forward"].layer is find_layers(clone)[0]
         with torch.no_grad():
             assert torch.equal(clone(**inputs).logits, want)
+
+
+def test_eval_tol_solves_evaluation_to_it_and_training_to_tol() -> None:
+    """``eval_tol``: in evaluation the model computes what the same weights converted with ``tol=eval_tol``
+    compute (every solve stops at its tolerance), in training what they compute without ``eval_tol``; the
+    setting survives a save and load (model.config.ode_bert)."""
+    inputs = batch()
+    settings = ode_bert.ODESettings(field="layer", step=0.5, root="picard", tol=1e-6, max_iter=100)
+    model = convert(tiny(), dataclasses.replace(settings, eval_tol=1e-2))
+    at_eval_tol = convert(tiny(), dataclasses.replace(settings, tol=1e-2))
+    at_tol = convert(tiny(), settings)
+    with torch.no_grad():
+        got = model(**inputs).logits
+        assert torch.equal(got, at_eval_tol(**inputs).logits)
+        at_tol(**inputs)
+    assert {s.tol for s in solver_stats(model)} == {1e-2}
+    assert all(s.converged and 1e-6 < s.residual <= 1e-2 for s in solver_stats(model))
+    assert sum(s.nfev for s in solver_stats(model)) < sum(s.nfev for s in solver_stats(at_tol))
+    for m in (model, at_tol):
+        m.train()
+    outputs = []
+    for m in (model, at_tol):
+        torch.manual_seed(3)  # the same dropout masks
+        outputs.append(m(**inputs).logits)
+    assert torch.equal(*outputs)
+    assert {s.tol for s in solver_stats(model)} == {1e-6}
+    config = ode_bert.ode_config(model)
+    assert config["eval_tol"] == 1e-2 and config["tol"] == 1e-6
+    reloaded = tiny()  # as from_pretrained leaves it: the stored settings, applied again
+    reloaded.config.ode_bert = config
+    with torch.no_grad():
+        assert torch.equal(reapply(reloaded).eval()(**inputs).logits, got)
 
 
 def test_attentions_one_per_layer_from_last_evaluation() -> None:

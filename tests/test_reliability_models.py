@@ -95,8 +95,8 @@ def load(folder: Path) -> nn.Module:
 def test_convert_stores_a_versioned_config_and_reload_reproduces_the_outputs(tmp_path) -> None:
     folder, want = saved_rk4(tmp_path)
     stored = json.loads((folder / "config.json").read_text())["ode_bert"]
-    assert stored["version"] == CONFIG_VERSION == 2
-    assert set(stored) == {"version", *CONFIG_KEYS_V1}
+    assert stored["version"] == CONFIG_VERSION == 3
+    assert set(stored) == {"version", *CONFIG_KEYS_V1, "eval_tol"}
     loaded = load(folder)
     assert torch.equal(logits(loaded), want)
     assert not torch.allclose(logits(tiny_bert()), want, atol=1e-3)  # the stock model differs
@@ -113,7 +113,7 @@ def test_a_missing_key_is_an_error_naming_it_and_the_file(tmp_path, key: str) ->
 
 def test_configs_saved_before_versioning_load_as_version_1(tmp_path) -> None:
     folder, want = saved_rk4(tmp_path)
-    edit_config(folder, lambda c: c["ode_bert"].pop("version"))  # the format every earlier save wrote
+    edit_config(folder, lambda c: [c["ode_bert"].pop(k) for k in ("version", "eval_tol")])  # as saved then
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # complete version-1 configs load without a warning
         loaded = load(folder)
@@ -181,19 +181,29 @@ def test_unknown_keys_and_newer_versions_are_errors(tmp_path) -> None:
         load(folder)
 
 
-def test_keys_added_in_later_versions_default_with_a_warning(monkeypatch) -> None:
-    """The mechanism for the next key: older configs get its documented default and a warning."""
-    monkeypatch.setattr(settings_module, "CONFIG_VERSION", 3)
-    monkeypatch.setattr(settings_module, "CONFIG_ADDED_KEYS", {"new_key": (3, "old behaviour")})
-    v2 = {"version": 2, "solver": "euler", "layers": [0], "step": 1.0, "field": "residual", "root": None,
-          "grad": None, "tol": None, "max_iter": None, "solver_options": {}}
-    with pytest.warns(UserWarning, match=r"has no 'new_key', added in version 3: using the default 'old"):
+def test_keys_added_in_later_versions_take_their_default(monkeypatch) -> None:
+    """A key added later (``eval_tol``, version 3): older configs get its documented default (None: evaluation
+    at the training tolerance, as they computed), silently; a current one must have it, an older one must
+    not. The mechanism's warning, for a key whose entry asks for it, is checked on a made-up next key."""
+    v2 = {"version": 2, "solver": "implicit_euler", "layers": [0], "step": 1.0, "field": "residual",
+          "root": None, "grad": None, "tol": 1e-2, "max_iter": None, "solver_options": {}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         settings = check_stored_config(v2, "x/config.json")
-    assert settings["new_key"] == "old behaviour" and settings["version"] == 3
-    with pytest.raises(ValueError, match=r"x/config.json: missing key\(s\) 'new_key'; config version 3"):
+    assert settings["eval_tol"] is None and settings["version"] == 3 == CONFIG_VERSION
+    with pytest.raises(ValueError, match=r"x/config.json: missing key\(s\) 'eval_tol'; config version 3"):
         check_stored_config({**v2, "version": 3}, "x/config.json")
+    with pytest.raises(ValueError, match=r"unknown key\(s\) 'eval_tol' for config version 2"):
+        check_stored_config({**v2, "eval_tol": 0.1}, "x/config.json")  # written only with version 3
     with pytest.raises(ValueError, match=r"unknown key\(s\) 'version' for config version 1"):
         check_stored_config({**v2, "version": 1}, "x/config.json")  # "version" arrived in version 2
+
+    monkeypatch.setattr(settings_module, "CONFIG_VERSION", 4)
+    monkeypatch.setattr(settings_module, "CONFIG_ADDED_KEYS",
+                        {**settings_module.CONFIG_ADDED_KEYS, "new_key": (4, "old behaviour", True)})
+    with pytest.warns(UserWarning, match=r"has no 'new_key', added in version 4: using the default 'old"):
+        settings = check_stored_config(v2, "x/config.json")
+    assert (settings["new_key"], settings["version"], settings["eval_tol"]) == ("old behaviour", 4, None)
 
 
 # --------------------------------------------------------------------------------------------------

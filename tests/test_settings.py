@@ -143,21 +143,23 @@ def test_presets_are_the_im_bert_and_ex_bert_defaults() -> None:
     [
         ODESettings(),
         ODESettings.preset("im", root="picard", grad="unroll", solver_options={"init": "previous"}),
+        ODESettings.preset("im", eval_tol=0.1),
         ODESettings(solver="dopri5", layers=[0, 2], step=0.5, field="layer", solver_options={"rtol": 1e-3}),
     ],
 )
 def test_round_trip_through_dict_and_config(settings: ODESettings) -> None:
     stored = settings.to_dict()
     assert stored["version"] == settings_module.CONFIG_VERSION
-    assert set(stored) == {"version", *settings_module.CONFIG_KEYS_V1} == {"version", *SETTING_NAMES}
+    added = set(settings_module.CONFIG_ADDED_KEYS)
+    assert set(stored) == {"version", *settings_module.CONFIG_KEYS_V1, *added} == {"version", *SETTING_NAMES}
     assert ODESettings.from_dict(stored) == settings
     # config.ode_bert is the stored form, with the layers as indices
     model = convert(tiny_bert(), settings)
     config = model.config.ode_bert
     assert config == {**stored, "layers": ode_bert.parse_layers(settings.layers, 3)}
     assert ODESettings.from_dict(config) == dataclasses.replace(settings, layers=tuple(config["layers"]))
-    legacy = {k: v for k, v in config.items() if k != "version"}  # version 1: saved before "version"
-    assert ODESettings.from_dict(legacy) == ODESettings.from_dict(config)
+    legacy = {k: v for k, v in config.items() if k not in {"version", *added}}  # version 1: before "version"
+    assert ODESettings.from_dict(legacy) == dataclasses.replace(ODESettings.from_dict(config), eval_tol=None)
 
 
 def test_from_dict_names_the_source() -> None:
@@ -207,9 +209,9 @@ def test_settings_taken_by_each_variant() -> None:
     assert settings_taken_by("ode") == SETTING_NAMES
     # what compare gave each variant before (compare.NOT_TAKEN) is the complement
     not_taken = {v: set(SETTING_NAMES) - set(settings_taken_by(v)) for v in VARIANTS}
-    assert not_taken["bert"] == {"solver", "layers", "step", "field", "root", "grad", "tol", "max_iter",
-                                 "solver_options"}  # fmt: skip
-    assert not_taken["ex"] == {"solver", "root", "grad", "tol", "max_iter", "solver_options"}
+    assert not_taken["bert"] == {"solver", "layers", "step", "field", "root", "grad", "tol", "eval_tol",
+                                 "max_iter", "solver_options"}  # fmt: skip
+    assert not_taken["ex"] == {"solver", "root", "grad", "tol", "eval_tol", "max_iter", "solver_options"}
     with pytest.raises(ValueError, match="unknown variant 'xx'; valid variants: bert, ex, im, ode"):
         settings_taken_by("xx")
 

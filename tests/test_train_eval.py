@@ -28,6 +28,7 @@ from ode_bert.convert import LayerStats
 from ode_bert.data import load_advglue
 from ode_bert.evaluate import (
     evaluate,
+    evaluation_settings,
     format_metrics,
     official_scores,
     predict,
@@ -70,6 +71,23 @@ def test_split_metrics_and_official_scoring_by_hand() -> None:
     expected = {"qqp": (0.6 + 2 / 3) / 2, "mnli": 0.75, "sst2": 1 / 3}
     assert scores["tasks"] == pytest.approx(expected)
     assert scores["overall"] == pytest.approx(sum(expected.values()) / 3)
+
+
+def test_evaluation_settings_keep_or_clear_the_trained_eval_tol(tmp_path: Path) -> None:
+    """Solver changes on a run saved with ``eval_tol``: another ``eval_tol`` or another implicit solver keeps
+    the rest; a changed ``tol`` alone is what evaluation then solves to (``eval_tol`` cleared); an explicit
+    solver drops both."""
+    trained = ode_bert.ODESettings.preset("im", eval_tol=0.1)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps({"ode_bert": trained.to_dict()}))
+    assert evaluation_settings(tmp_path, {"eval_tol": 0.3}).eval_tol == 0.3
+    assert evaluation_settings(tmp_path, {"solver": "trapezoid"}).eval_tol == 0.1
+    tighter = evaluation_settings(tmp_path, {"tol": 1e-4})
+    assert (tighter.tol, tighter.eval_tol) == (1e-4, None)
+    both = evaluation_settings(tmp_path, {"tol": 1e-4, "eval_tol": 0.05})
+    assert (both.tol, both.eval_tol) == (1e-4, 0.05)
+    explicit = evaluation_settings(tmp_path, {"solver": "euler"})
+    assert (explicit.tol, explicit.eval_tol) == (None, None)
 
 
 def test_solver_summary_counts_batches_and_examples_by_hand() -> None:
@@ -146,6 +164,14 @@ def test_train_and_evaluate_end_to_end(tiny_model: str, tmp_path: Path) -> None:
     assert saved["advglue"]["qqp"]["predictions"] == ex_predicted
     assert explicit["solver_settings"]["solver"] == "euler" and explicit["solver_settings"]["tol"] is None
     assert explicit["advglue"]["solver"]["mean_iterations"] == 0 < solver["mean_iterations"]  # no root solve
+    # eval_tol: evaluation solves to it, as a changed tol makes it (the same predictions, the same solves)
+    loose = evaluate(run_dir, dev_samples=40, solver_changes={"eval_tol": 0.3})
+    as_tol = evaluate(run_dir, dev_samples=40, solver_changes={"tol": 0.3})
+    saved = {name: json.loads((run_dir / "evals" / name / "predictions.json").read_text())
+             for name in ("eval_tol=0.3", "tol=0.3")}  # fmt: skip
+    assert saved["eval_tol=0.3"] == saved["tol=0.3"]
+    assert loose["advglue"]["solver"] == as_tol["advglue"]["solver"]
+    assert loose["advglue"]["solver"]["tol"] == 0.3 > solver["tol"]
     for bad, named in (({"tol": "x"}, "tol"), ({"rootz": "anderson"}, "rootz"), ({}, "non-empty")):
         with pytest.raises((ValueError, TypeError), match=named):
             evaluate(run_dir, dev_samples=40, solver_changes=bad)

@@ -79,6 +79,7 @@ _TWIN_IGNORED = {
     "root",
     "grad",
     "tol",
+    "eval_tol",
     "max_iter",
     "solver_options",
     "resume",

@@ -53,11 +53,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 # Solver settings a base variant does not take: each run gets only the ones that apply to it, so one set of
 # options (command-line flags, ``--set``) serves every variant of a plan.
-SOLVER_SETTINGS = frozenset({"solver", "layers", "step", "field", "root", "grad", "tol", "max_iter",
-                             "solver_options"})
+SOLVER_SETTINGS = frozenset({"solver", "layers", "step", "field", "root", "grad", "tol", "eval_tol",
+                             "max_iter", "solver_options"})
 NOT_TAKEN: dict[str, frozenset[str]] = {
     "bert": SOLVER_SETTINGS,
-    "ex": frozenset({"solver", "root", "grad", "tol", "max_iter", "solver_options"}),
+    "ex": frozenset({"solver", "root", "grad", "tol", "eval_tol", "max_iter", "solver_options"}),
 }
 
 
