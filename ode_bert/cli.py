@@ -88,6 +88,7 @@ def _setting_help(setting: dataclasses.Field) -> str:
     if setting.name == "solver":  # the preset variants fix their solver
         text += " of variant 'ode'"
     default = "the solver's" if setting.default is None else setting.default
+    default = setting.metadata.get("unset", default)
     by_value: dict[object, list[str]] = {}
     for name, preset in PRESETS.items():
         if setting.name != "solver" and preset.get(setting.name, setting.default) != setting.default:

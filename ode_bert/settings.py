@@ -136,10 +136,12 @@ METHOD_SETTINGS: tuple[str, ...] = ("root", "grad", "tol", "max_iter")
 
 
 def _setting(default: Any, help: str, type: Callable[[str], Any] | None = str,
-             choices: Sequence[str] | None = None) -> Any:  # fmt: skip
+             choices: Sequence[str] | None = None, unset: str | None = None) -> Any:  # fmt: skip
     """A field of ``ODESettings``; ``help``/``type``/``choices`` make its command-line flag (``type=None``:
-    no flag)."""
+    no flag), ``unset`` says in its help what a default of ``None`` means (else: the solver's default)."""
     metadata = {"help": help, "type": type, "choices": choices}
+    if unset is not None:
+        metadata["unset"] = unset
     if isinstance(default, dict):
         return dataclasses.field(default_factory=dict, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -175,7 +177,7 @@ class ODESettings:
     grad: str | None = _setting(None, "gradient mode of implicit solvers", choices=GRAD_MODES)
     tol: float | None = _setting(None, "relative tolerance of the implicit solve", type=float)
     eval_tol: float | None = _setting(
-        None, "relative tolerance of the implicit solve in evaluation (model.eval()); unset: tol", type=float
+        None, "relative tolerance of the implicit solve in evaluation (model.eval())", type=float, unset="tol"
     )
     max_iter: int | None = _setting(None, "iteration cap of the implicit solve", type=int)
     solver_options: dict[str, Any] = _setting({}, "other options of the step method", type=None)

@@ -254,12 +254,13 @@ def test_cli_flags_are_generated_from_the_settings() -> None:
         assert action.choices == f.metadata["choices"]
     assert actions["grad"].choices == GRAD_MODES and actions["solver"].choices == SOLVER_NAMES
     assert "0.5" in actions["step"].help and "im: 0.01" in actions["tol"].help
+    assert "(default tol)" in actions["eval_tol"].help
     assert set(_TRAINING_FIELDS) >= {f.name for f in flagged}
     args = parser.parse_args(["train", "--variant", "ode", "--solver", "trapezoid", "--grad", "unroll",
-                              "--max-iter", "3", "--layers", "0-1"])  # fmt: skip
+                              "--max-iter", "3", "--layers", "0-1", "--eval-tol", "0.1"])  # fmt: skip
     options = {name: getattr(args, name) for name in _TRAINING_FIELDS}
     assert TrainConfig(variant="ode", **options).settings() == ODESettings(
-        solver="trapezoid", layers="0-1", grad="unroll", max_iter=3
+        solver="trapezoid", layers="0-1", grad="unroll", max_iter=3, eval_tol=0.1
     )
 
 
