@@ -240,6 +240,8 @@ TRAINING_CONFIGS: dict[str, dict[str, Any] | None] = {
     "im tol=1e-2": {"tol": 1e-2},
     "im tol=1e-1": {"tol": 1e-1},
     "im tol=1e-1 compact": {"tol": 1e-1, "compact_rows": True},
+    "im eval_tol=3e-2": {"tol": 1e-2, "eval_tol": 3e-2},  # trained at 1e-2, evaluated looser
+    "im eval_tol=1e-1": {"tol": 1e-2, "eval_tol": 1e-1},
     "im one_step": {"grad": "one_step"},
     "im one_step tol=1e-3 compact": {"grad": "one_step", "tol": 1e-3, "compact_rows": True},
     "im one_step tol=1e-2 compact": {"grad": "one_step", "tol": 1e-2, "compact_rows": True},
