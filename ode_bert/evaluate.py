@@ -174,7 +174,9 @@ def evaluation_settings(run_dir: str | Path, changes: Mapping[str, Any]) -> ODES
         import solvers
 
         accepted = solvers.option_names(solvers.METHODS.lookup(fields["solver"]))
-        dropped = [k for k in METHOD_SETTINGS if k not in accepted] + ["eval_tol"] * ("tol" not in accepted)
+        dropped = [k for k in METHOD_SETTINGS if k not in accepted]
+        if "tol" not in accepted:  # an evaluation tolerance without a solve to apply it to
+            dropped.append("eval_tol")
         fields = {**{k: None for k in dropped}, **fields}
         kept = {k: v for k, v in kept.items() if k in accepted}
     options = {k: v for k, v in changes.items() if k not in SETTING_NAMES}

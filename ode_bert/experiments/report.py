@@ -262,11 +262,16 @@ def attack_outcomes(run_dirs: list[Path], split: str, recipe: str, partial: bool
     ``"_examples"`` per group; attacks with solver changes are variants ``<variant>@<changes>``
     (``attacked_runs``); runs of one group must have attacked the same examples. ``partial``: unfinished
     attacks too, every run of a group cut to the examples all of them have completed (an interim report)."""
+    return _outcomes(attacked_runs(run_dirs, split, recipe, partial)[0], partial)
+
+
+def _outcomes(attacks: list[AttackedRun], partial: bool) -> dict[str, Any]:
+    """``attack_outcomes`` of the attacks ``attacked_runs`` found."""
     from ..attack.files import per_example_metrics
 
     found: dict[str, list[tuple[AttackedRun, list[int], dict[str, list[bool]]]]] = {}
     settings: dict[str, tuple[str, dict[str, Any]]] = {}
-    for attacked in attacked_runs(run_dirs, split, recipe, partial)[0]:
+    for attacked in attacks:
         indices, metrics = per_example_metrics(attacked.folder, partial)
         mine = _attack_settings(attacked.folder)
         first_run, first = settings.setdefault(attacked.group, (attacked.name, mine))
@@ -426,8 +431,8 @@ def format_attack_report(run_dirs: list[Path], config: Any, pairs: list[tuple[st
 
     task = read_train_config(Path(run_dirs[0]))["task"]
     split = resolve_split(task, config.split)
-    outcomes = attack_outcomes(run_dirs, split, config.recipe, partial)
     attacks, left_out = attacked_runs(run_dirs, split, config.recipe, partial)
+    outcomes = _outcomes(attacks, partial)
     unfinished = [a for a in attacks if not (a.folder / SUMMARY_FILE).is_file()]
     pairs = [*pairs, *_solver_change_pairs(attacks, pairs)]
     reported: set[tuple[str, str]] = set()
