@@ -13,9 +13,11 @@ Three parts, each measured side by side in one process:
   extra: ``pip install -e .[bench]``; without it the torchdeq rows are left out, said in the output).
 * ``compaction``: an ``im_bert`` model in inference on padded batches of consecutive SST-2 dev sentences,
   with and without ``compact_rows``: layer rows evaluated, time, and whether the logits are identical.
-* ``training``: training step and inference of ``im_bert`` variants (tolerance, gradient mode, row
-  compaction) against the stock classifier on one padded batch, plus a modelled fine-tuning run (``--run``:
-  training steps and evaluation batches of the RESULTS.md core table) from the measured times.
+* ``training``: training step (and its backward pass alone) and inference of ``im_bert`` variants
+  (tolerance, evaluation and adjoint tolerance, gradient mode, row compaction) against the stock classifier
+  on one padded batch, with the evaluations per layer solve and the VJPs per adjoint solve, plus a
+  modelled fine-tuning run (``--run``: training steps and evaluation batches of the RESULTS.md core table)
+  from the measured times.
 
 Times are CPU **process** time (``time.process_time``, one torch thread): on a shared machine a process
 that waits for a core is not charged for the wait, so ratios measured in one process stay steady where
@@ -242,6 +244,8 @@ TRAINING_CONFIGS: dict[str, dict[str, Any] | None] = {
     "im tol=1e-1 compact": {"tol": 1e-1, "compact_rows": True},
     "im eval_tol=3e-2": {"tol": 1e-2, "eval_tol": 3e-2},  # trained at 1e-2, evaluated looser
     "im eval_tol=1e-1": {"tol": 1e-2, "eval_tol": 1e-1},
+    "im adjoint_tol=3e-2": {"tol": 1e-2, "adjoint_tol": 3e-2},  # a looser backward solve (implicit gradient)
+    "im adjoint_tol=1e-1": {"tol": 1e-2, "adjoint_tol": 1e-1},
     "im one_step": {"grad": "one_step"},
     "im one_step tol=1e-3 compact": {"grad": "one_step", "tol": 1e-3, "compact_rows": True},
     "im one_step tol=1e-2 compact": {"grad": "one_step", "tol": 1e-2, "compact_rows": True},
@@ -261,11 +265,14 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
         models[name] = model if changes is None else im_bert(model, **changes)
         optimizers[name] = torch.optim.AdamW(models[name].parameters(), lr=2e-5)
 
+    backward_times: dict[str, list[float]] = {n: [] for n in models}
+
     def train(name: str) -> None:
         model, optimizer = models[name], optimizers[name]
         model.train()
         optimizer.zero_grad(set_to_none=True)
-        model(**batch).loss.backward()
+        loss = model(**batch).loss
+        backward_times[name].append(cpu_time(loss.backward))  # the adjoint solves are in here
         optimizer.step()
 
     def infer(name: str) -> None:
@@ -274,11 +281,14 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
             models[name](**eval_inputs)
 
     costs: dict[str, dict[str, Any]] = {name: {} for name in models}
-    for name in models:  # warm-up, and the evaluations per layer of a training and an inference forward
+    for name in models:  # warm-up; the evaluations per layer of a training forward, an adjoint, an inference
         torch.manual_seed(0)
-        train(name)
+        adjoints: list[solvers.AdjointSolve] = []
+        with solvers.watch_adjoint_solves(adjoints.append):
+            train(name)
         stats = solver_stats(models[name])
         costs[name]["train_evals"] = sum(s.nfev for s in stats) / len(stats) if stats else 1.0
+        costs[name]["adjoint_evals"] = sum(a.info.nfev for a in adjoints) / len(adjoints) if adjoints else 0.0
         infer(name)
         stats = solver_stats(models[name])
         costs[name]["infer_evals"] = sum(s.nfev for s in stats) / len(stats) if stats else 1.0
@@ -287,6 +297,8 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
             sum(rows_evaluated(s.root, batch_rows) for s in stats)
             / sum(s.root.nfev * batch_rows for s in stats) if stats else 1.0)
     times: dict[str, dict[str, list[float]]] = {kind: {n: [] for n in models} for kind in ("train", "infer")}
+    for name in models:
+        backward_times[name].clear()  # the warm-up's
     for r in range(args.rounds):
         order = list(models)
         random.Random(r).shuffle(order)
@@ -302,7 +314,9 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
         bert_train, bert_infer = median(times["train"]["bert"]), median(times["infer"]["bert"])
         run_x = (train_x * steps * bert_train + infer_x * eval_batches * bert_infer) / (
             steps * bert_train + eval_batches * bert_infer)
-        out.append({"config": name, "train_x": train_x, "infer_x": infer_x, "run_x": run_x, **costs[name],
+        backward_x = median(t / s for t, s in zip(backward_times[name], backward_times["bert"]))
+        out.append({"config": name, "train_x": train_x, "backward_x": backward_x, "infer_x": infer_x,
+                    "run_x": run_x, **costs[name],
                     "train_ms": 1e3 * median(times["train"][name]),
                     "infer_ms": 1e3 * median(times["infer"][name])})
     return {"rows": out}
@@ -366,9 +380,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         payload["training"] = run_training(args)
         print(table(payload["training"]["rows"], [
             ("config", "configuration", ""), ("train_x", "train step x", ".2f"),
-            ("infer_x", "inference x", ".2f"),
+            ("backward_x", "of it backward x", ".2f"), ("infer_x", "inference x", ".2f"),
             ("run_x", "modelled run x", ".2f"), ("train_evals", "evals/layer train", ".1f"),
-            ("infer_evals", "evals/layer infer", ".1f"), ("infer_rows_share", "rows share infer", ".2f")]))
+            ("adjoint_evals", "VJPs/adjoint solve", ".1f"), ("infer_evals", "evals/layer infer", ".1f"),
+            ("infer_rows_share", "rows share infer", ".2f")]))
     write_json(args.out, payload)
     return payload
 

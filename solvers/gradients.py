@@ -4,7 +4,8 @@
 * ``implicit``: implicit-function theorem. The forward solve runs without autograd; one application
   ``z = g(z*)`` re-attaches the graph, and a backward hook on ``z`` replaces the incoming gradient ``v``
   by the solution of the adjoint fixed point ``u = J_g(z*)^T u + v``, solved matrix-free (VJPs) with the
-  same root finder. Memory is that of one application of ``g``.
+  same root finder or a separate adjoint finder (its own tolerance and cap, as torchdeq's ``b_tol``).
+  Memory is that of one application of ``g``.
 * ``one_step``: Jacobian-free backprop (Fung et al., 2022): return ``g(z*)`` with ``z*`` detached, i.e.
   approximate ``(I - J)^{-1}`` by ``I``. Cheap, common in deep-equilibrium practice.
 
@@ -26,8 +27,8 @@ from torch import Tensor
 from ._base import FixedPointMap, RootFinder, RootInfo, batch_size, check_on_failure, report_failure
 from .registry import get_root_finder
 
-# (g, z0, finder, what to do if the adjoint solve fails) -> (z, info)
-GradMode = Callable[[FixedPointMap, Tensor, RootFinder, str], tuple[Tensor, RootInfo]]
+# (g, z0, finder, adjoint finder, what to do if the adjoint solve fails) -> (z, info)
+GradMode = Callable[[FixedPointMap, Tensor, RootFinder, RootFinder, str], tuple[Tensor, RootInfo]]
 GRAD_MODES: dict[str, GradMode] = {}
 
 
@@ -95,29 +96,39 @@ def solve_fixed_point(
     finder: RootFinder | str,
     grad: str = "implicit",
     *,
+    adjoint_finder: RootFinder | str | None = None,
     adjoint_on_failure: str | None = None,
 ) -> tuple[Tensor, RootInfo]:
     """Solve ``z = g(z)`` from ``z0`` with ``finder`` (instance or registered name); gradients per ``grad``.
 
     ``RootInfo.nfev`` includes the extra application of ``g`` that ``implicit``/``one_step`` use to attach
-    the graph (made only when autograd is enabled). ``adjoint_on_failure`` (``"warn"``, ``"raise"``,
-    ``"ignore"``; ``None``: the finder's ``on_failure``) handles a non-converged adjoint solve of the
-    ``implicit`` mode, which happens during backward, where a caller cannot inspect it.
+    the graph (made only when autograd is enabled). ``adjoint_finder`` solves the adjoint equation of the
+    ``implicit`` mode (``None``: ``finder``), e.g. the same method with a looser tolerance: the adjoint solve
+    is about 40% of an implicit layer's training step. ``adjoint_on_failure`` (``"warn"``, ``"raise"``,
+    ``"ignore"``; ``None``: the adjoint finder's ``on_failure``) handles a non-converged adjoint solve, which
+    happens during backward, where a caller cannot inspect it.
     """
     mode = GRAD_MODES[check_grad_mode(grad)]
+    finder = _as_finder(finder, "finder")
+    adjoint_finder = finder if adjoint_finder is None else _as_finder(adjoint_finder, "adjoint_finder")
+    if adjoint_on_failure is None:
+        adjoint_on_failure = adjoint_finder.on_failure
+    check_on_failure(adjoint_on_failure, "adjoint_on_failure")
+    return mode(g, z0, finder, adjoint_finder, adjoint_on_failure)
+
+
+def _as_finder(finder: RootFinder | str, what: str) -> RootFinder:
+    """``finder`` as an instance (a registered name is made with its defaults); ``TypeError`` otherwise."""
     if isinstance(finder, str):
         finder = get_root_finder(finder)
     if not isinstance(finder, RootFinder):
-        raise TypeError(f"finder must be a RootFinder or a root-finder name, got {type(finder).__name__}")
-    if adjoint_on_failure is None:
-        adjoint_on_failure = finder.on_failure
-    check_on_failure(adjoint_on_failure, "adjoint_on_failure")
-    return mode(g, z0, finder, adjoint_on_failure)
+        raise TypeError(f"{what} must be a RootFinder or a root-finder name, got {type(finder).__name__}")
+    return finder
 
 
 @_grad_mode("unroll")
 def _unroll(
-    g: FixedPointMap, z0: Tensor, finder: RootFinder, adjoint_on_failure: str
+    g: FixedPointMap, z0: Tensor, finder: RootFinder, adjoint_finder: RootFinder, adjoint_on_failure: str
 ) -> tuple[Tensor, RootInfo]:
     return finder.solve(g, z0)
 
@@ -138,7 +149,7 @@ def _count_evaluation(info: RootInfo, z: Tensor) -> None:
 
 @_grad_mode("one_step")
 def _one_step(
-    g: FixedPointMap, z0: Tensor, finder: RootFinder, adjoint_on_failure: str
+    g: FixedPointMap, z0: Tensor, finder: RootFinder, adjoint_finder: RootFinder, adjoint_on_failure: str
 ) -> tuple[Tensor, RootInfo]:
     z_star, info = _solve_without_graph(g, z0, finder)
     if not torch.is_grad_enabled():
@@ -149,7 +160,7 @@ def _one_step(
 
 @_grad_mode("implicit")
 def _implicit(
-    g: FixedPointMap, z0: Tensor, finder: RootFinder, adjoint_on_failure: str
+    g: FixedPointMap, z0: Tensor, finder: RootFinder, adjoint_finder: RootFinder, adjoint_on_failure: str
 ) -> tuple[Tensor, RootInfo]:
     z_star, info = _solve_without_graph(g, z0, finder)
     if not torch.is_grad_enabled():
@@ -157,7 +168,7 @@ def _implicit(
     z = g(z_star)
     _count_evaluation(info, z_star)
     if z.requires_grad:
-        z.register_hook(_AdjointHook(g, z_star, finder, adjoint_on_failure))
+        z.register_hook(_AdjointHook(g, z_star, adjoint_finder, adjoint_on_failure))
     return z, info
 
 

@@ -94,10 +94,12 @@ class ImplicitRK(Method):
 
     Options: ``root`` (root-finder name), ``root_options`` (extra keyword options for that finder, e.g.
     ``{"m": 5}``), ``grad`` (gradient mode), ``tol``/``max_iter``/``on_failure`` (passed to the finder;
-    ``tol=None`` is dtype-aware), ``adjoint_on_failure`` (non-converged adjoint solve of the ``implicit``
-    gradient, found during backward; separate so that a caller silencing forward reports still hears
-    about it), ``init`` (``"explicit"``: start from an explicit Euler predictor as
-    IM-BERT does; ``"previous"``: start from ``y``), ``compact_rows`` (row compaction: when the vector field
+    ``tol=None`` is dtype-aware), ``adjoint_tol``/``adjoint_max_iter`` (the adjoint solve of the
+    ``implicit`` gradient, in backward; ``None``: ``tol``/``max_iter``; no effect in the other gradient
+    modes, which have no adjoint solve), ``adjoint_on_failure`` (non-converged adjoint solve, found during
+    backward; separate so that a caller silencing forward reports still hears about it), ``init``
+    (``"explicit"``: start from an explicit Euler predictor as IM-BERT does; ``"previous"``: start from
+    ``y``), ``compact_rows`` (row compaction: when the vector field
     can be evaluated on a subset of the batch rows, ``solvers.RowMap``, samples that have converged are no
     longer evaluated; each sample's result is the one the whole-batch solve gives it, up to the rounding of
     the field on fewer rows).
@@ -125,6 +127,8 @@ class ImplicitRK(Method):
         tol: float | None = None,
         max_iter: int = 50,
         on_failure: str = "warn",
+        adjoint_tol: float | None = None,
+        adjoint_max_iter: int | None = None,
         adjoint_on_failure: str = "warn",
         init: str = "explicit",
         compact_rows: bool = False,
@@ -153,6 +157,20 @@ class ImplicitRK(Method):
         self._finder = get_root_finder(
             root, tol=tol, max_iter=max_iter, on_failure=on_failure, **self.root_options
         )
+        if adjoint_tol is not None and not (isinstance(adjoint_tol, (int, float)) and 0 < adjoint_tol < 1):
+            raise ValueError(f"adjoint_tol must be a number in (0, 1) or None, got {adjoint_tol!r}")
+        positive_int = isinstance(adjoint_max_iter, int) and not isinstance(adjoint_max_iter, bool)
+        if adjoint_max_iter is not None and not (positive_int and adjoint_max_iter >= 1):
+            raise ValueError(f"adjoint_max_iter must be a positive integer or None, got {adjoint_max_iter!r}")
+        self.adjoint_tol = adjoint_tol
+        self.adjoint_max_iter = adjoint_max_iter
+        self._adjoint_finder = self._finder
+        if adjoint_tol is not None or adjoint_max_iter is not None:
+            self._adjoint_finder = get_root_finder(
+                root, tol=tol if adjoint_tol is None else adjoint_tol,
+                max_iter=max_iter if adjoint_max_iter is None else adjoint_max_iter,
+                on_failure=on_failure, **self.root_options,
+            )  # fmt: skip
 
     def step(
         self, f: VectorField, t: Tensor | float, y: Tensor, dt: Tensor | float, *,
@@ -172,8 +190,9 @@ class ImplicitRK(Method):
         counted.raise_nonfinite(where, y)  # f(t, y) of the predictor: not "a bad initial guess"
         try:
             z, root_info = solve_fixed_point(
-                g, z0, self._finder, self.grad, adjoint_on_failure=self.adjoint_on_failure
-            )
+                g, z0, self._finder, self.grad,
+                adjoint_finder=self._adjoint_finder, adjoint_on_failure=self.adjoint_on_failure,
+            )  # fmt: skip
         except ConvergenceError:  # on_failure="raise": name a NaN/Inf field as the cause
             counted.raise_nonfinite(where, y)
             raise

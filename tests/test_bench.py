@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench import _common, implicit_step, report, stiff, training_overhead
+from bench import _common, cost, implicit_step, report, stiff, training_overhead
 
 
 @pytest.fixture(autouse=True)
@@ -130,6 +130,22 @@ def test_training_overhead_quick(tiny_model: Path, tmp_path: Path) -> None:
     for (grad, iterations), entry in sweep.items():
         if grad == "unroll" and ("implicit", iterations) in sweep:
             assert entry["saved_mb"] > sweep[("implicit", iterations)]["saved_mb"]
+
+
+def test_cost_training_counts_the_adjoint_solves(tiny_model: Path, tmp_path: Path) -> None:
+    """bench.cost's training part: a looser adjoint tolerance spends fewer VJPs per adjoint solve and the
+    same forward evaluations; BERT has none; every ratio is a finite positive number."""
+    out = tmp_path / "cost.json"
+    cost.main(["--parts", "training", "--configs", "bert", "im tol=1e-2", "im adjoint_tol=1e-1",
+               "--rounds", "1", "--train-batch-size", "4", "--eval-batch-size", "4", "--max-length", "32",
+               "--model", str(tiny_model), "--out", str(out)])  # fmt: skip
+    rows = {r["config"]: r for r in json.loads(out.read_text())["training"]["rows"]}
+    assert rows["bert"]["adjoint_evals"] == 0 and rows["bert"]["train_x"] == 1.0
+    assert 0 < rows["im adjoint_tol=1e-1"]["adjoint_evals"] < rows["im tol=1e-2"]["adjoint_evals"]
+    assert rows["im adjoint_tol=1e-1"]["train_evals"] == rows["im tol=1e-2"]["train_evals"]
+    for row in rows.values():
+        for key in ("train_x", "backward_x", "infer_x", "run_x"):
+            assert 0 < row[key] < math.inf, (row["config"], key)
 
 
 def test_stiff_quick(tmp_path: Path) -> None:

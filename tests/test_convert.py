@@ -220,6 +220,39 @@ def test_eval_tol_solves_evaluation_to_it_and_training_to_tol() -> None:
         assert torch.equal(reapply(reloaded).eval()(**inputs).logits, got)
 
 
+def test_adjoint_tol_loosens_the_backward_solve_only() -> None:
+    """``adjoint_tol`` (a solver option): the same training-mode logits as without it, every adjoint solve of
+    the backward pass stops at it, the gradient lies between the exact one and the one-step gradient (no
+    adjoint solve), and a save and load keeps the option (``solver_options`` in model.config.ode_bert)."""
+    inputs = {**batch(), "labels": torch.tensor([0, 2])}
+    settings = ode_bert.ODESettings(field="layer", step=0.5, tol=1e-6, max_iter=100)
+    models = {"tight": convert(tiny(), settings),
+              "loose": convert(tiny(), dataclasses.replace(settings, solver_options={"adjoint_tol": 0.1})),
+              "one_step": convert(tiny(), dataclasses.replace(settings, grad="one_step"))}
+    logits, grads, tols = {}, {}, {}
+    for name, model in models.items():
+        model.train()
+        seen: list[solvers.AdjointSolve] = []
+        torch.manual_seed(3)  # the same dropout masks
+        with solvers.watch_adjoint_solves(seen.append):
+            output = model(**inputs)
+            output.loss.backward()
+        logits[name] = output.logits.detach()
+        grads[name] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        tols[name] = {solve.info.tol for solve in seen}
+        assert all(solve.info.all_converged for solve in seen)
+    assert torch.equal(logits["loose"], logits["tight"]) and torch.equal(logits["one_step"], logits["tight"])
+    assert tols == {"tight": {1e-6}, "loose": {0.1}, "one_step": set()}
+    errors = {name: torch.linalg.vector_norm(grads[name] - grads["tight"]) for name in ("loose", "one_step")}
+    assert 0 < errors["loose"] < errors["one_step"] / 2
+    config = ode_bert.ode_config(models["loose"])
+    assert config["solver_options"] == {"adjoint_tol": 0.1}
+    reloaded = tiny()
+    reloaded.config.ode_bert = config
+    connection = vars(find_layers(reapply(reloaded))[0])["forward"]
+    assert connection.method.adjoint_tol == 0.1
+
+
 def test_attentions_one_per_layer_from_last_evaluation() -> None:
     inputs = batch()
     model = tiny(attn="eager")

@@ -110,6 +110,88 @@ def test_watched_adjoint_solve_is_the_analytic_adjoint() -> None:
     assert torch.equal(watched, unwatched)
 
 
+def test_adjoint_finder_solves_the_backward_equation_to_its_own_tolerance() -> None:
+    """A looser adjoint finder changes the backward solve only: the forward root is the same, the reported
+    adjoint solve stops at its tolerance in fewer VJPs, the gradient is ``B^T u`` of the ``u`` it solved, and
+    ``u`` is within the error its residual bounds (``||u - u*|| <= ||r|| / (1 - ||A||)``) but not exact."""
+    a, bmat, c, x = linear_problem(seed=6, norm=0.8)
+    u_exact = torch.linalg.solve((torch.eye(4, dtype=F64) - a).T, c)
+    finder = solvers.get_root_finder("picard", tol=1e-12, max_iter=500)
+    loose = solvers.get_root_finder("picard", tol=1e-1, max_iter=500)
+    results = {}
+    for name, adjoint in (("same", None), ("loose", loose)):
+        seen: list[solvers.AdjointSolve] = []
+        with solvers.watch_adjoint_solves(seen.append):
+            z, _ = solve_fixed_point(lambda z: a @ z + bmat @ x, torch.zeros(4, dtype=F64), finder,
+                                     "implicit", adjoint_finder=adjoint)
+            (gx,) = torch.autograd.grad(c @ z, x)
+        results[name] = (z.detach(), gx, seen[0])
+    (z_same, g_same, same), (z_loose, g_loose, solve) = results["same"], results["loose"]
+    assert torch.equal(z_loose, z_same)
+    assert same.info.tol == 1e-12 and solve.info.tol == 1e-1 and solve.info.nfev < same.info.nfev
+    torch.testing.assert_close(g_same, bmat.T @ u_exact, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(g_loose, bmat.T @ solve.u)
+    mapped = a.T @ solve.u + c
+    residual = torch.linalg.vector_norm(mapped - solve.u)
+    assert residual <= 1e-1 * torch.linalg.vector_norm(mapped)
+    error = torch.linalg.vector_norm(solve.u - u_exact)
+    assert 1e-6 < error <= residual / (1 - 0.8) * (1 + 1e-9)
+
+
+def test_adjoint_failure_is_reported_by_the_adjoint_finder() -> None:
+    """Unset, ``adjoint_on_failure`` is the adjoint finder's ``on_failure``, not the forward finder's."""
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(4, 4, generator=gen, dtype=F64)
+    a = 0.9 * a / torch.linalg.matrix_norm(a, ord=2)
+    x = torch.randn(4, dtype=F64, requires_grad=True)
+    z_exact = torch.linalg.solve(torch.eye(4, dtype=F64) - a, x.detach())
+    finder = solvers.get_root_finder("picard", tol=1e-10, max_iter=50, on_failure="ignore")
+    capped = solvers.get_root_finder("picard", tol=1e-10, max_iter=1, on_failure="raise")
+    z, _ = solve_fixed_point(lambda z: a @ z + x, z_exact, finder, "implicit", adjoint_finder=capped)
+    with pytest.raises(solvers.ConvergenceError, match="adjoint"):
+        z.sum().backward()
+    with pytest.raises(TypeError, match="adjoint_finder must be a RootFinder"):
+        solve_fixed_point(lambda z: a @ z + x, z_exact, finder, "implicit", adjoint_finder=1e-2)
+
+
+def test_implicit_step_adjoint_tol_and_cap() -> None:
+    """``adjoint_tol``/``adjoint_max_iter`` of an implicit step: the forward step is unchanged, the adjoint
+    solve runs to that tolerance (and no further than the cap), and the gradient stays near the exact one;
+    bad values are refused naming the option."""
+    gen = torch.Generator().manual_seed(7)
+    m = torch.randn(5, 5, generator=gen, dtype=F64)
+    m = -(m @ m.T) / torch.linalg.matrix_norm(m, ord=2) - torch.eye(5, dtype=F64)  # y' = M y, stable
+    y0 = torch.randn(3, 5, generator=gen, dtype=F64, requires_grad=True)
+    c = torch.randn(3, 5, generator=gen, dtype=F64)
+    dt = 0.5
+    # y1 = (I - dt M)^-1 y0, so d(c . y1)/d y0 = c (I - dt M)^-1
+    exact = torch.linalg.solve(torch.eye(5, dtype=F64) - dt * m, c.T).T
+
+    def step(**options: float) -> tuple[torch.Tensor, torch.Tensor, solvers.AdjointSolve]:
+        method = solvers.get("implicit_euler", root="anderson", tol=1e-12, max_iter=100, **options)
+        seen: list[solvers.AdjointSolve] = []
+        with solvers.watch_adjoint_solves(seen.append):
+            y1, _ = method.step(lambda t, y: y @ m.T, 0.0, y0, dt)
+            (gy,) = torch.autograd.grad((c * y1).sum(), y0)
+        return y1.detach(), gy, seen[0]
+
+    y_exact, g_exact, solve_exact = step()
+    y_loose, g_loose, solve_loose = step(adjoint_tol=0.1)
+    with pytest.warns(ConvergenceWarning, match="adjoint"):
+        _, g_capped, solve_capped = step(adjoint_max_iter=1)
+    torch.testing.assert_close(g_exact, exact, atol=1e-9, rtol=1e-9)
+    assert torch.equal(y_loose, y_exact)
+    assert solve_loose.info.tol == 0.1 and solve_loose.info.all_converged
+    assert solve_loose.info.nfev < solve_exact.info.nfev
+    relative_error = torch.linalg.vector_norm(g_loose - exact) / torch.linalg.vector_norm(exact)
+    assert 1e-9 < relative_error < 0.2
+    assert int(solve_capped.info.iterations.max()) <= 1 and not torch.allclose(g_capped, exact)
+    for option, value in (("adjoint_tol", 0.0), ("adjoint_tol", 1.5), ("adjoint_tol", "1e-2"),
+                          ("adjoint_max_iter", 0), ("adjoint_max_iter", True), ("adjoint_max_iter", 2.0)):
+        with pytest.raises(ValueError, match=option):
+            solvers.get("implicit_euler", **{option: value})
+
+
 def test_watching_with_a_non_callable_is_refused_before_any_solve() -> None:
     watching = solvers.watch_adjoint_solves("print")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="callback must be callable"), watching:
