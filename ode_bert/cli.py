@@ -76,6 +76,11 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
             f"--{setting.name.replace('_', '-')}", type=setting.metadata["type"],
             choices=setting.metadata["choices"], help=_setting_help(setting),
         )  # fmt: skip
+    s.add_argument(
+        "--solver-options", type=_json_object, metavar="JSON",
+        help="other options of the step method, e.g. '{\"adjoint_tol\": 0.1}' (implicit solvers: "
+        "adjoint_tol, adjoint_max_iter, compact_rows, root_options, on_failure; adaptive ones: rtol, atol)",
+    )  # fmt: skip
 
 
 # The ODESettings fields with a command-line flag (all but solver_options), from the settings object.
@@ -99,12 +104,13 @@ def _setting_help(setting: dataclasses.Field) -> str:
 
 _TRAINING_FIELDS = (
     "model", "epochs", "batch_size", "lr", "warmup_ratio", "weight_decay", "max_length", "train_samples",
-    "data_seed", "holdout", *(f.name for f in _SETTING_FLAGS),
+    "data_seed", "holdout", *(f.name for f in _SETTING_FLAGS), "solver_options",
 )  # fmt: skip
 
 
 def _training_options(args: argparse.Namespace) -> dict[str, object]:
-    return {name: getattr(args, name) for name in _TRAINING_FIELDS}
+    options = {name: getattr(args, name) for name in _TRAINING_FIELDS}
+    return {**options, "solver_options": options["solver_options"] or {}}
 
 
 @command("train", help="fine-tune one variant on one task, then evaluate it")

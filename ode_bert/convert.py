@@ -129,8 +129,8 @@ class ODEConnection:
     (``ode_bert.kvcache.CachePlan``; adaptive methods are refused there). ``sequence_first`` layers (XLNet)
     are solved in the batch-first view of their state, so norms and records are per sequence.
 
-    ``eval_method``: the method of evaluation (``ODESettings.eval_tol``), used while the layer is not in
-    training mode; ``None``: ``method`` always.
+    ``eval_method``: the method of evaluation (``ODESettings.eval_tol``, no training-only options such as
+    ``adjoint_tol``), used while the layer is not in training mode; ``None``: ``method`` always.
 
     Warm starts (``ode_bert.warm_start``): while ``warm_start`` holds an ``InitialGuesses`` (set for one batch
     by ``WarmStartStore.batch``) and the layer is in training mode, an implicit step starts the samples it
@@ -480,7 +480,7 @@ def convert(
     layer_list = find_layers(model, layers_path)
     indices = parse_layers(settings.layers, len(layer_list))
     method = settings.make_method(on_failure="ignore")  # the connections report failures, naming the layer
-    eval_method = settings.make_method("ignore", evaluation=True) if settings.eval_tol is not None else None
+    eval_method = settings.make_method("ignore", evaluation=True) if settings.evaluates_apart else None
     if not _is_single_evaluation(method) and _decoder_with_cache(model, layer_list):
         from .kvcache import stage_plan
 

@@ -133,6 +133,9 @@ def _stored_adaptive(solver: Any) -> bool:
 # The settings passed to the step method under their own names (implicit solvers take them; explicit and
 # adaptive ones do not). The method's other options go in ``solver_options``.
 METHOD_SETTINGS: tuple[str, ...] = ("root", "grad", "tol", "max_iter")
+# Solver options that only make training cheaper: the method of evaluation leaves them out, so gradients
+# taken in evaluation (attacks, stability analysis) solve the adjoint to the evaluation tolerance.
+TRAINING_ONLY_OPTIONS: tuple[str, ...] = ("adjoint_tol", "adjoint_max_iter")
 
 
 def _setting(default: Any, help: str, type: Callable[[str], Any] | None = str,
@@ -232,11 +235,17 @@ class ODESettings:
             return "ignore"
         return self.solver_options.get("on_failure", "warn")
 
+    @property
+    def evaluates_apart(self) -> bool:
+        """Whether evaluation uses a method of its own (``make_method(evaluation=True)`` differs): an
+        ``eval_tol``, or a training-only option, is set."""
+        return self.eval_tol is not None or any(k in self.solver_options for k in TRAINING_ONLY_OPTIONS)
+
     def make_method(self, on_failure: str | None = None, evaluation: bool = False) -> Method:
         """A new step method for these settings (``solvers.get``). ``on_failure``, if given, replaces the
         failure policy of a method that has one (``convert`` passes ``"ignore"`` and applies
         ``self.on_failure`` itself, naming the layer). ``evaluation``: the method of evaluation, which solves
-        to ``eval_tol`` where that is set."""
+        to ``eval_tol`` where that is set and leaves out ``TRAINING_ONLY_OPTIONS``."""
         import solvers
 
         cls = solvers.METHODS.lookup(self.solver)
@@ -255,8 +264,10 @@ class ODESettings:
                 f"({', '.join(implicit) or 'none registered'}); solver {self.solver!r} does not take them"
             )
         options = self.method_options()
-        if evaluation and self.eval_tol is not None:
-            options["tol"] = self.eval_tol
+        if evaluation:
+            options = {k: v for k, v in options.items() if k not in TRAINING_ONLY_OPTIONS}
+            if self.eval_tol is not None:
+                options["tol"] = self.eval_tol
         if "on_failure" in accepted:  # otherwise the registry rejects on_failure by name
             solvers.check_on_failure(options.get("on_failure", "warn"))
             if on_failure is not None:

@@ -354,8 +354,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def machine_record() -> dict[str, Any]:
-    """The machine and software a run ran on (CPU model, library versions, threads, accelerator): results of
-    implicit solves can depend on them in the last digits, which a stopping decision can amplify."""
+    """The machine and software a run ran on (CPU model, ode-bert and library versions, threads, accelerator):
+    results of implicit solves can depend on them in the last digits, which a stopping decision can amplify,
+    and a training run's random draws on ode-bert's version (README: 0.3.0)."""
     import transformers
 
     cpu = platform.processor() or platform.machine()
@@ -369,6 +370,7 @@ def machine_record() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
+        "ode_bert": _installed_version("ode-bert"),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "numpy": np.__version__,
@@ -379,6 +381,16 @@ def machine_record() -> dict[str, Any]:
         record["device"] = f"cuda: {torch.cuda.get_device_name()}"
         record["cuda"] = torch.version.cuda
     return record
+
+
+def _installed_version(distribution: str) -> str:
+    """The installed version of ``distribution`` (``"not installed"`` when run from a source tree alone)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -3,9 +3,9 @@
 * ``unroll``: backpropagate through every iteration of the root finder (memory grows with iterations).
 * ``implicit``: implicit-function theorem. The forward solve runs without autograd; one application
   ``z = g(z*)`` re-attaches the graph, and a backward hook on ``z`` replaces the incoming gradient ``v``
-  by the solution of the adjoint fixed point ``u = J_g(z*)^T u + v``, solved matrix-free (VJPs) with the
-  same root finder or a separate adjoint finder (its own tolerance and cap, as torchdeq's ``b_tol``).
-  Memory is that of one application of ``g``.
+  by the solution of the adjoint fixed point ``u = J_g(z*)^T u + v``, solved matrix-free (VJPs on that
+  same application's graph) with the same root finder or a separate adjoint finder (its own tolerance and
+  cap, as torchdeq's ``b_tol``). Memory is that of one application of ``g``.
 * ``one_step``: Jacobian-free backprop (Fung et al., 2022): return ``g(z*)`` with ``z*`` detached, i.e.
   approximate ``(I - J)^{-1}`` by ``I``. Cheap, common in deep-equilibrium practice.
 
@@ -165,23 +165,45 @@ def _implicit(
     z_star, info = _solve_without_graph(g, z0, finder)
     if not torch.is_grad_enabled():
         return z_star, info
-    z = g(z_star)
+    z_leaf = z_star.detach().requires_grad_()
+    applied = g(z_leaf)
     _count_evaluation(info, z_star)
-    if z.requires_grad:
-        z.register_hook(_AdjointHook(g, z_star, adjoint_finder, adjoint_on_failure))
+    if not _needs_graph(applied, z_leaf):  # nothing but the leaf requires grad: no graph, as for a plain call
+        return applied.detach(), info
+    z = applied.view_as(applied)  # the hook sits on this view and holds `applied`, so no reference cycle
+    z.register_hook(_AdjointHook(applied, z_leaf, adjoint_finder, adjoint_on_failure))
     return z, info
+
+
+def _needs_graph(z: Tensor, leaf: Tensor) -> bool:
+    """Whether ``z`` depends on a tensor other than ``leaf`` that requires grad (a parameter, an input)."""
+    pending, seen = [z.grad_fn], set()
+    while pending:
+        node = pending.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # set on the node that accumulates a leaf's gradient
+        if variable is not None:
+            if variable is not leaf:
+                return True
+            continue
+        pending.extend(fn for fn, _ in node.next_functions)
+    return False
 
 
 class _AdjointHook:
     """Backward hook mapping the incoming gradient ``v`` to ``u`` solving ``u = J_g(z*)^T u + v``.
 
-    The Jacobian is only needed in the backward pass, so one fresh application of ``g`` at a detached
-    copy of ``z*`` is recorded there and its graph reused (``retain_graph``) for every VJP.
+    The VJPs reuse the graph of the forward's application ``applied = g(z_leaf)``, ``z_leaf`` a copy of
+    ``z*`` that requires grad (``retain_graph``, so the backward pass then continues through it to the
+    parameters): no second application of ``g`` in backward, which would also rewind a random-number state
+    that ``g`` restores before each evaluation (the dropout masks of ``ode_bert``'s layers).
     """
 
-    def __init__(self, g: FixedPointMap, z_star: Tensor, finder: RootFinder, on_failure: str) -> None:
-        self.g = g
-        self.z_star = z_star
+    def __init__(self, applied: Tensor, z_leaf: Tensor, finder: RootFinder, on_failure: str) -> None:
+        self.applied = applied
+        self.z_leaf = z_leaf
         self.finder = copy.copy(finder)
         self.finder.on_failure = "ignore"  # reported below, naming the adjoint solve
         self.on_failure = on_failure
@@ -189,12 +211,9 @@ class _AdjointHook:
     def __call__(self, v: Tensor | None) -> Tensor | None:
         if v is None:  # undefined incoming gradient: nothing to solve
             return None
-        with torch.enable_grad():
-            z_leaf = self.z_star.detach().requires_grad_()
-            gz = self.g(z_leaf)
 
         def adjoint_map(u: Tensor) -> Tensor:
-            (vjp,) = torch.autograd.grad(gz, z_leaf, u, retain_graph=True, allow_unused=True)
+            (vjp,) = torch.autograd.grad(self.applied, self.z_leaf, u, retain_graph=True, allow_unused=True)
             return v if vjp is None else vjp + v  # None: g does not depend on z, so J = 0
 
         with torch.no_grad():

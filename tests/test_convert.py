@@ -220,6 +220,20 @@ def test_eval_tol_solves_evaluation_to_it_and_training_to_tol() -> None:
         assert torch.equal(reapply(reloaded).eval()(**inputs).logits, got)
 
 
+def test_backward_leaves_the_random_state_as_the_forward_left_it() -> None:
+    """In training, every evaluation of an implicit step restores the step's random state (the same dropout
+    masks); the implicit gradient's backward evaluates no layer again, so it does not rewind the generator
+    and the next batch draws fresh masks (before, backward set it back to a layer's start)."""
+    inputs = {**batch(), "labels": torch.tensor([0, 2])}
+    model = ode_bert.im_bert(tiny(), tol=1e-6, max_iter=100).train()
+    torch.manual_seed(0)
+    loss = model(**inputs).loss
+    after_forward = torch.get_rng_state()
+    loss.backward()
+    assert torch.equal(torch.get_rng_state(), after_forward)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.bert.encoder.parameters())
+
+
 def test_adjoint_tol_loosens_the_backward_solve_only() -> None:
     """``adjoint_tol`` (a solver option): the same training-mode logits as without it, every adjoint solve of
     the backward pass stops at it, the gradient lies between the exact one and the one-step gradient (no
@@ -251,6 +265,23 @@ def test_adjoint_tol_loosens_the_backward_solve_only() -> None:
     reloaded.config.ode_bert = config
     connection = vars(find_layers(reapply(reloaded))[0])["forward"]
     assert connection.method.adjoint_tol == 0.1
+
+
+def test_adjoint_tol_is_for_training_only() -> None:
+    """Gradients taken in evaluation (attacks, stability analysis) solve the adjoint to the evaluation
+    tolerance, not to ``adjoint_tol``: a training-cost lever must not loosen an attack's gradient."""
+    inputs = batch()
+    settings = ode_bert.ODESettings(field="layer", step=0.5, tol=1e-6, max_iter=100,
+                                    solver_options={"adjoint_tol": 0.1})  # fmt: skip
+    for evaluation_tol in (None, 1e-4):
+        model = convert(tiny(), dataclasses.replace(settings, eval_tol=evaluation_tol)).eval()
+        embeddings = model.bert.embeddings(inputs["input_ids"]).detach().requires_grad_()
+        seen: list[solvers.AdjointSolve] = []
+        with solvers.watch_adjoint_solves(seen.append):
+            logits = model(inputs_embeds=embeddings, attention_mask=inputs["attention_mask"]).logits
+            logits.sum().backward()
+        assert {solve.info.tol for solve in seen} == {evaluation_tol or 1e-6}
+        assert embeddings.grad is not None and torch.isfinite(embeddings.grad).all()
 
 
 def test_attentions_one_per_layer_from_last_evaluation() -> None:

@@ -222,6 +222,25 @@ def test_implicit_mode_keeps_one_application_in_the_graph() -> None:
     assert count_tanh(z.grad_fn, set()) == 1
 
 
+def test_backward_reuses_the_forward_application() -> None:
+    """The adjoint's VJPs run on the graph of the forward's one application of g: backward evaluates g no
+    more, and the gradient is still the analytic one (g(z) = A z + B x: B^T (I - A)^-T c)."""
+    a, bmat, c, x = linear_problem(seed=8, norm=0.6)
+    calls = 0
+
+    def g(z: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return a @ z + bmat @ x
+
+    finder = solvers.get_root_finder("anderson", tol=1e-12, max_iter=100)
+    z, info = solve_fixed_point(g, torch.zeros(4, dtype=F64), finder, "implicit")
+    assert calls == info.nfev
+    (gx,) = torch.autograd.grad(c @ z, x)
+    assert calls == info.nfev
+    torch.testing.assert_close(gx, bmat.T @ torch.linalg.solve((torch.eye(4, dtype=F64) - a).T, c))
+
+
 def test_no_graph_when_nothing_requires_grad() -> None:
     w, x, b = (p.detach() for p in contraction_problem(4))
     for grad in solvers.available_grad_modes():

@@ -5,6 +5,7 @@ is executed. A tiny random BERT (2 layers, 32 wide) keeps every run to seconds."
 from __future__ import annotations
 
 import errno
+import importlib.metadata
 import io
 import json
 import os
@@ -384,6 +385,7 @@ def test_run_records_name_the_machine_and_evaluation_shows_progress(
     machine = json.loads((run / "train_history.json").read_text())[0]["machine"]
     assert machine["torch"] == torch.__version__ and machine["torch_threads"] == torch.get_num_threads()
     assert machine["cpu"] and machine["transformers"] and machine["device"].startswith(("cpu", "cuda"))
+    assert machine["ode_bert"] == importlib.metadata.version("ode-bert")
     capsys.readouterr()
     metrics = evaluate(run, dev_samples=8)
     assert metrics["machine"]["cpu"] == machine["cpu"]

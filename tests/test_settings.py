@@ -262,6 +262,11 @@ def test_cli_flags_are_generated_from_the_settings() -> None:
     assert TrainConfig(variant="ode", **options).settings() == ODESettings(
         solver="trapezoid", layers="0-1", grad="unroll", max_iter=3, eval_tol=0.1
     )
+    args = parser.parse_args(["train", "--solver-options", '{"adjoint_tol": 0.1, "compact_rows": true}'])
+    options = {name: getattr(args, name) for name in _TRAINING_FIELDS}
+    assert TrainConfig(variant="im", **options).settings() == ODESettings.preset(
+        "im", solver_options={"adjoint_tol": 0.1, "compact_rows": True}
+    )
 
 
 def test_grad_flag_rejects_unknown_modes(capsys: pytest.CaptureFixture[str]) -> None:
