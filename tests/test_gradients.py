@@ -110,6 +110,16 @@ def test_watched_adjoint_solve_is_the_analytic_adjoint() -> None:
     assert torch.equal(watched, unwatched)
 
 
+def exact_start_problem() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A (4x4, spectral norm 0.9), x (requires grad) and the fixed point of z = A z + x, to start a solve at:
+    the forward solve converges at once, so only the adjoint solve can fail."""
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(4, 4, generator=gen, dtype=F64)
+    a = 0.9 * a / torch.linalg.matrix_norm(a, ord=2)
+    x = torch.randn(4, dtype=F64, requires_grad=True)
+    return a, x, torch.linalg.solve(torch.eye(4, dtype=F64) - a, x.detach())
+
+
 def test_adjoint_finder_solves_the_backward_equation_to_its_own_tolerance() -> None:
     """A looser adjoint finder changes the backward solve only: the forward root is the same, the reported
     adjoint solve stops at its tolerance in fewer VJPs, the gradient is ``B^T u`` of the ``u`` it solved, and
@@ -140,11 +150,7 @@ def test_adjoint_finder_solves_the_backward_equation_to_its_own_tolerance() -> N
 
 def test_adjoint_failure_is_reported_by_the_adjoint_finder() -> None:
     """Unset, ``adjoint_on_failure`` is the adjoint finder's ``on_failure``, not the forward finder's."""
-    gen = torch.Generator().manual_seed(5)
-    a = torch.randn(4, 4, generator=gen, dtype=F64)
-    a = 0.9 * a / torch.linalg.matrix_norm(a, ord=2)
-    x = torch.randn(4, dtype=F64, requires_grad=True)
-    z_exact = torch.linalg.solve(torch.eye(4, dtype=F64) - a, x.detach())
+    a, x, z_exact = exact_start_problem()
     finder = solvers.get_root_finder("picard", tol=1e-10, max_iter=50, on_failure="ignore")
     capped = solvers.get_root_finder("picard", tol=1e-10, max_iter=1, on_failure="raise")
     z, _ = solve_fixed_point(lambda z: a @ z + x, z_exact, finder, "implicit", adjoint_finder=capped)
@@ -265,11 +271,7 @@ def test_implicit_step_gradient_through_implicit_euler() -> None:
 
 def test_adjoint_non_convergence_is_reported() -> None:
     """Forward solve converges at once (exact start); the adjoint solve gets one iteration and must warn."""
-    gen = torch.Generator().manual_seed(5)
-    a = torch.randn(4, 4, generator=gen, dtype=F64)
-    a = 0.9 * a / torch.linalg.matrix_norm(a, ord=2)
-    x = torch.randn(4, dtype=F64, requires_grad=True)
-    z_exact = torch.linalg.solve(torch.eye(4, dtype=F64) - a, x.detach())
+    a, x, z_exact = exact_start_problem()
     finder = solvers.get_root_finder("picard", tol=1e-10, max_iter=1)
     z, info = solve_fixed_point(lambda z: a @ z + x, z_exact, finder, "implicit")
     assert info.all_converged
