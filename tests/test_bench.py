@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench import _common, cost, implicit_step, report, stiff, training_overhead
+from bench import _common, cost, implicit_step, paired_records, report, stiff, training_overhead
 
 
 @pytest.fixture(autouse=True)
@@ -162,3 +162,36 @@ def test_stiff_quick(tmp_path: Path) -> None:
             hits = [r["evals"] for r in result["runs"]
                     if r["method"] == "implicit_euler" and not r["capped"] and r["error"] <= row["target"]]
             assert row["implicit_euler"] == (min(hits) if hits else None)
+
+
+def test_paired_records_pairs_one_variant_across_two_files(tmp_path: Path) -> None:
+    """NEW − OLD by seed over the seeds both files hold, with scipy's paired t interval; other variants and
+    groups are left out; a seed twice in one file is refused."""
+    import scipy.stats
+
+    def write(name: str, scores: dict[int, tuple[float, float]], extra: str = "") -> Path:
+        lines = [json.dumps({"group": "sst2-n1000", "variant": "im", "seed": seed,
+                             "clean": {"overall": c}, "advglue": {"overall": a}})
+                 for seed, (c, a) in scores.items()]
+        lines.append(json.dumps({"group": "sst2-n1000", "variant": "ex", "seed": 1,
+                                 "clean": {"overall": 0.0}, "advglue": {"overall": 0.0}}))
+        path = tmp_path / name
+        path.write_text("\n".join(lines) + extra + "\n")
+        return path
+
+    new = write("new.jsonl", {1: (0.80, 0.40), 2: (0.75, 0.45), 3: (0.78, 0.50), 9: (0.1, 0.1)})
+    old = write("old.jsonl", {1: (0.79, 0.42), 2: (0.77, 0.40), 3: (0.76, 0.44)})
+    text = paired_records.main([str(new), str(old), "--variant", "im", "--group", "sst2-n1000"])
+    assert "seeds 1, 2, 3" in text
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    expected = {"clean dev": [(80, 79), (75, 77), (78, 76)], "AdvGLUE": [(40, 42), (45, 40), (50, 44)]}
+    for label, pairs in expected.items():
+        a, b = zip(*pairs)
+        reference = scipy.stats.ttest_rel(a, b).confidence_interval()
+        mean = sum(a) / 3 - sum(b) / 3
+        assert f"{mean:+.2f} [{reference.low:+.2f}, {reference.high:+.2f}]" in rows[label]
+    twice = write("twice.jsonl", {1: (0.8, 0.4), 2: (0.7, 0.4)},
+                  extra="\n" + json.dumps({"group": "sst2-n1000", "variant": "im", "seed": 2,
+                                           "clean": {"overall": 0.7}, "advglue": {"overall": 0.4}}))
+    with pytest.raises(ValueError, match="second im record for seed 2"):
+        paired_records.main([str(twice), str(old), "--variant", "im", "--group", "sst2-n1000"])

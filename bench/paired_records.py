@@ -1,0 +1,67 @@
+"""One variant's runs from two record files, paired by seed: what changed between two versions of the code.
+
+``grid.py --report`` pairs variants within one set of records; this pairs the same variant across two sets
+(e.g. IM-BERT trained with ode-bert 0.3.0 against the runs of 0.2.0, README "Changed in 0.3.0"). Prints,
+for clean dev and AdvGLUE, each file's per-seed scores and the paired difference NEW − OLD with its 95% t
+interval (``ode_bert.experiments.stats.paired_difference``), over the seeds both files hold.
+
+    python -m bench.paired_records runs/v030/results.jsonl bench/results/im-tol1e-2-cpu.jsonl \
+        --variant im-tol1e-2 --group sst2-n1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ode_bert.experiments.stats import METRICS, paired_difference
+
+
+def runs_by_seed(path: Path, variant: str, group: str) -> dict[int, dict[str, Any]]:
+    """The records of ``variant`` in ``group`` in the JSON-lines file ``path``, by seed (a seed twice is an
+    error: which one to pair would be a guess)."""
+    runs: dict[int, dict[str, Any]] = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        record = json.loads(line)
+        if record.get("variant") != variant or record.get("group") != group:
+            continue
+        if record["seed"] in runs:
+            raise ValueError(f"{path}:{number}: a second {variant} record for seed {record['seed']}")
+        runs[record["seed"]] = record
+    return runs
+
+
+def compare(new: Path, old: Path, variant: str, group: str) -> str:
+    """The per-seed scores of both files and the paired NEW − OLD differences, as markdown."""
+    runs = {"new": runs_by_seed(new, variant, group), "old": runs_by_seed(old, variant, group)}
+    seeds = sorted(set(runs["new"]) & set(runs["old"]))
+    if len(seeds) < 2:
+        raise ValueError(f"{variant} in {group}: {len(seeds)} seed(s) in both files; an interval needs 2")
+    lines = [f"{variant} ({group}), NEW = {new}, OLD = {old}, seeds {', '.join(map(str, seeds))}", "",
+             "| metric | NEW per seed | OLD per seed | NEW − OLD [95% t CI] |", "|---|---|---|---|"]
+    for metric, label in METRICS.items():
+        scores = {k: [100 * runs[k][s][metric]["overall"] for s in seeds] for k in runs}
+        d = paired_difference(scores["new"], scores["old"])
+        lines.append(f"| {label} | {' / '.join(f'{x:.2f}' for x in scores['new'])} | "
+                     f"{' / '.join(f'{x:.2f}' for x in scores['old'])} | "
+                     f"{d['mean']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}] |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("new", type=Path, help="records (results.jsonl) of the new code")
+    parser.add_argument("old", type=Path, help="records of the old code")
+    parser.add_argument("--variant", required=True)
+    parser.add_argument("--group", required=True, help="e.g. sst2-n1000")
+    args = parser.parse_args(argv)
+    text = compare(args.new, args.old, args.variant, args.group)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
