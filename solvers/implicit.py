@@ -99,10 +99,9 @@ class ImplicitRK(Method):
     modes, which have no adjoint solve), ``adjoint_on_failure`` (non-converged adjoint solve, found during
     backward; separate so that a caller silencing forward reports still hears about it), ``init``
     (``"explicit"``: start from an explicit Euler predictor as IM-BERT does; ``"previous"``: start from
-    ``y``), ``compact_rows`` (row compaction: when the vector field
-    can be evaluated on a subset of the batch rows, ``solvers.RowMap``, samples that have converged are no
-    longer evaluated; each sample's result is the one the whole-batch solve gives it, up to the rounding of
-    the field on fewer rows).
+    ``y``), ``compact_rows`` (row compaction: when the vector field can be evaluated on a subset of the
+    batch rows, ``solvers.RowMap``, samples that have converged are no longer evaluated; each sample's
+    result is the one the whole-batch solve gives it, up to the rounding of the field on fewer rows).
 
     ``step(..., guess=y_next_estimate, known=rows)`` warm-starts the samples ``known`` (all, if not given)
     from ``guess``, an estimate of the step's result ``y_next`` that each method maps to its fixed-point
