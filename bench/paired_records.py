@@ -5,8 +5,8 @@
 for clean dev and AdvGLUE, each file's per-seed scores and the paired difference NEW − OLD with its 95% t
 interval (``ode_bert.experiments.stats.paired_difference``), over the seeds both files hold.
 
-    python -m bench.paired_records runs/v030/results.jsonl bench/results/im-tol1e-2-cpu.jsonl \
-        --variant im-tol1e-2 --group sst2-n1000
+    python -m bench.paired_records --new runs/v030/results.jsonl --old bench/results/im-tol1e-2-cpu.jsonl \
+        bench/results/sst2-seeds6-10-cpu.jsonl --variant im-tol1e-2 --group sst2-n1000
 """
 
 from __future__ import annotations
@@ -20,27 +20,30 @@ from typing import Any
 from ode_bert.experiments.stats import METRICS, paired_difference
 
 
-def runs_by_seed(path: Path, variant: str, group: str) -> dict[int, dict[str, Any]]:
-    """The records of ``variant`` in ``group`` in the JSON-lines file ``path``, by seed (a seed twice is an
+def runs_by_seed(paths: Sequence[Path], variant: str, group: str) -> dict[int, dict[str, Any]]:
+    """The records of ``variant`` in ``group`` in the JSON-lines files ``paths``, by seed (a seed twice is an
     error: which one to pair would be a guess)."""
     runs: dict[int, dict[str, Any]] = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        record = json.loads(line)
-        if record.get("variant") != variant or record.get("group") != group:
-            continue
-        if record["seed"] in runs:
-            raise ValueError(f"{path}:{number}: a second {variant} record for seed {record['seed']}")
-        runs[record["seed"]] = record
+    for path in paths:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            record = json.loads(line)
+            if record.get("variant") != variant or record.get("group") != group:
+                continue
+            if record["seed"] in runs:
+                raise ValueError(f"{path}:{number}: a second {variant} record for seed {record['seed']}")
+            runs[record["seed"]] = record
     return runs
 
 
-def compare(new: Path, old: Path, variant: str, group: str) -> str:
-    """The per-seed scores of both files and the paired NEW − OLD differences, as markdown."""
+def compare(new: Sequence[Path], old: Sequence[Path], variant: str, group: str) -> str:
+    """The per-seed scores of both sets of files and the paired NEW − OLD differences, as markdown."""
     runs = {"new": runs_by_seed(new, variant, group), "old": runs_by_seed(old, variant, group)}
     seeds = sorted(set(runs["new"]) & set(runs["old"]))
     if len(seeds) < 2:
         raise ValueError(f"{variant} in {group}: {len(seeds)} seed(s) in both files; an interval needs 2")
-    lines = [f"{variant} ({group}), NEW = {new}, OLD = {old}, seeds {', '.join(map(str, seeds))}", "",
+    files = {k: ", ".join(map(str, paths)) for k, paths in (("new", new), ("old", old))}
+    lines = [f"{variant} ({group}), NEW = {files['new']}, OLD = {files['old']}",
+             f"seeds {', '.join(map(str, seeds))}", "",
              "| metric | NEW per seed | OLD per seed | NEW − OLD [95% t CI] |", "|---|---|---|---|"]
     for metric, label in METRICS.items():
         scores = {k: [100 * runs[k][s][metric]["overall"] for s in seeds] for k in runs}
@@ -53,8 +56,9 @@ def compare(new: Path, old: Path, variant: str, group: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("new", type=Path, help="records (results.jsonl) of the new code")
-    parser.add_argument("old", type=Path, help="records of the old code")
+    parser.add_argument("--new", type=Path, nargs="+", required=True,
+                        help="records (results.jsonl) of the new code")
+    parser.add_argument("--old", type=Path, nargs="+", required=True, help="records of the old code")
     parser.add_argument("--variant", required=True)
     parser.add_argument("--group", required=True, help="e.g. sst2-n1000")
     args = parser.parse_args(argv)

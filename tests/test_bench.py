@@ -181,7 +181,8 @@ def test_paired_records_pairs_one_variant_across_two_files(tmp_path: Path) -> No
 
     new = write("new.jsonl", {1: (0.80, 0.40), 2: (0.75, 0.45), 3: (0.78, 0.50), 9: (0.1, 0.1)})
     old = write("old.jsonl", {1: (0.79, 0.42), 2: (0.77, 0.40), 3: (0.76, 0.44)})
-    text = paired_records.main([str(new), str(old), "--variant", "im", "--group", "sst2-n1000"])
+    options = ["--variant", "im", "--group", "sst2-n1000"]
+    text = paired_records.main(["--new", str(new), "--old", str(old), *options])
     assert "seeds 1, 2, 3" in text
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
     expected = {"clean dev": [(80, 79), (75, 77), (78, 76)], "AdvGLUE": [(40, 42), (45, 40), (50, 44)]}
@@ -194,4 +195,4 @@ def test_paired_records_pairs_one_variant_across_two_files(tmp_path: Path) -> No
                   extra="\n" + json.dumps({"group": "sst2-n1000", "variant": "im", "seed": 2,
                                            "clean": {"overall": 0.7}, "advglue": {"overall": 0.4}}))
     with pytest.raises(ValueError, match="second im record for seed 2"):
-        paired_records.main([str(twice), str(old), "--variant", "im", "--group", "sst2-n1000"])
+        paired_records.main(["--new", str(twice), "--old", str(old), *options])
