@@ -26,6 +26,8 @@ def runs_by_seed(paths: Sequence[Path], variant: str, group: str) -> dict[int, d
     runs: dict[int, dict[str, Any]] = {}
     for path in paths:
         for number, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():  # blank lines, as ode_bert.experiments.load_records skips them
+                continue
             record = json.loads(line)
             if record.get("variant") != variant or record.get("group") != group:
                 continue
