@@ -164,13 +164,22 @@ def test_stiff_quick(tmp_path: Path) -> None:
             assert row["implicit_euler"] == (min(hits) if hits else None)
 
 
+def test_sign_test_matches_the_binomial_distribution() -> None:
+    """The two-sided exact sign test: 8 of 9 higher is p = 2 * (9 + 1) / 2**9; ties are dropped."""
+    assert paired_records.sign_test([1.0] * 8 + [-1.0]) == f"8 of 9 higher, p = {20 / 512:.2g}"
+    assert paired_records.sign_test([1.0, 0.0, 2.0]) == f"2 of 2 higher, p = {0.5:.2g}"
+    assert paired_records.sign_test([0.0]) == "0 of 0 higher"
+
+
 def test_paired_records_pairs_one_variant_across_two_files(tmp_path: Path) -> None:
-    """NEW − OLD by seed over the seeds both files hold, with scipy's paired t interval; other variants and
-    groups are left out; a seed twice in one file is refused."""
+    """NEW − OLD by seed over the seeds both files hold, with scipy's paired t interval and the sign count;
+    other variants and groups are left out unless named by --old-variant; a seed twice in one file is
+    refused."""
     import scipy.stats
 
-    def write(name: str, scores: dict[int, tuple[float, float]], extra: str = "") -> Path:
-        lines = [json.dumps({"group": "sst2-n1000", "variant": "im", "seed": seed,
+    def write(name: str, scores: dict[int, tuple[float, float]], extra: str = "",
+              variant: str = "im") -> Path:
+        lines = [json.dumps({"group": "sst2-n1000", "variant": variant, "seed": seed,
                              "clean": {"overall": c}, "advglue": {"overall": a}})
                  for seed, (c, a) in scores.items()]
         lines.append(json.dumps({"group": "sst2-n1000", "variant": "ex", "seed": 1,
@@ -191,6 +200,15 @@ def test_paired_records_pairs_one_variant_across_two_files(tmp_path: Path) -> No
         reference = scipy.stats.ttest_rel(a, b).confidence_interval()
         mean = sum(a) / 3 - sum(b) / 3
         assert f"{mean:+.2f} [{reference.low:+.2f}, {reference.high:+.2f}]" in rows[label]
+    # clean: NEW higher in 2 of 3 seeds; AdvGLUE: 2 of 3 (seed 1 lower)
+    assert "NEW 2 of 3 higher, p = 1 |" in rows["clean dev"]
+    assert "NEW 2 of 3 higher, p = 1 |" in rows["AdvGLUE"]
+    controls = write("ex.jsonl", {2: (0.70, 0.40), 3: (0.70, 0.40)}, variant="ex")  # and ex seed 1 at 0
+    across = paired_records.main(["--new", str(new), "--old", str(controls), "--old-variant", "ex", *options])
+    assert "seeds 1, 2, 3\n" in across and "OLD = ex of" in across
+    assert "80.00 / 75.00 / 78.00 | 0.00 / 70.00 / 70.00 |" in across
+    with pytest.raises(ValueError, match="1 seed"):
+        paired_records.compare([new], [old], "im", "sst2-n1000", old_variant="ex")  # old: ex seed 1 only
     twice = write("twice.jsonl", {1: (0.8, 0.4), 2: (0.7, 0.4)},
                   extra="\n" + json.dumps({"group": "sst2-n1000", "variant": "im", "seed": 2,
                                            "clean": {"overall": 0.7}, "advglue": {"overall": 0.4}}))
