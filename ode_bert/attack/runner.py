@@ -36,6 +36,7 @@ from ..convert import convert
 from ..data import Example, get_task, load_clean_dev
 from ..evaluate import DEV_SUBSET_SEED, _load_run_model, evaluation_settings
 from ..io import atomic_open, exclusive, write_json_atomic
+from ..settings import ODESettings
 from ..train import (
     CONFIG_FILE,
     LATER_SETTINGS,
@@ -255,13 +256,11 @@ def _examples(config: AttackConfig, train: dict[str, Any], data_dir: str | None)
 class _Target:
     """The attacked model, its tokenizer and how long its text inputs may be."""
 
-    def __init__(
-        self, run_dir: Path, device: torch.device, solver_changes: dict[str, Any] | None = None
-    ) -> None:
+    def __init__(self, run_dir: Path, device: torch.device, settings: ODESettings | None = None) -> None:
+        """``settings``: the solver settings to attack the model with (``None``: the trained ones)."""
         self.model, self.tokenizer = _load_run_model(run_dir / MODEL_DIR)
-        self.solver_settings = None  # the trained ones
-        if solver_changes is not None:
-            settings = evaluation_settings(run_dir, solver_changes)
+        self.solver_settings = None
+        if settings is not None:
             convert(self.model, settings)
             self.solver_settings = settings.to_dict()
         self.model = self.model.to(device).eval()
@@ -301,17 +300,19 @@ def attack_run(
         raise FileNotFoundError(
             f"{run_dir} is not a finished training run (expected {CONFIG_FILE} and {MODEL_DIR}/)"
         )
-    if config.solver_changes is not None:  # checked before any work (a stock model has no solver settings)
-        evaluation_settings(run_dir, config.solver_changes)
+    settings = None  # checked before any work (a stock model has no solver settings to change)
+    if config.solver_changes is not None:
+        settings = evaluation_settings(run_dir, config.solver_changes)
     train = read_train_config(run_dir)
     out = attack_dir(run_dir, train["task"], config)
     with exclusive(out, f"attack {config.recipe!r} of {run_dir}"):
-        return _attack_locked(run_dir, config, train, out, data_dir, stop_after, progress)
+        return _attack_locked(run_dir, config, settings, train, out, data_dir, stop_after, progress)
 
 
 def _attack_locked(
     run_dir: Path,
     config: AttackConfig,
+    solver_settings: ODESettings | None,
     train: dict[str, Any],
     out: Path,
     data_dir: str | None,
@@ -327,7 +328,7 @@ def _attack_locked(
     if config.is_pgd:  # older attacks lack it: resuming one is refused, reports flag it (unconfirmed_flips)
         settings[FLIPS_CONFIRMED] = True
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    target = _Target(run_dir, device, config.solver_changes)
+    target = _Target(run_dir, device, solver_settings)
     if config.is_pgd and is_implicit(target.model) and config.transfer != "none":
         twin = find_twin(run_dir) if config.transfer == "auto" else Path(config.transfer)
         if twin is not None:
