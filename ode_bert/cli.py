@@ -59,6 +59,10 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
     g.add_argument("--max-length", type=int, default=128, help="maximum tokens per example (default 128)")
     g.add_argument(
+        "--dropout", type=float,
+        help="set every dropout probability of the model's config to this (default: the model's own)",
+    )  # fmt: skip
+    g.add_argument(
         "--train-samples",
         type=int,
         help="low-resource setting: train on a stratified random subset of this many examples",
@@ -103,8 +107,8 @@ def _setting_help(setting: dataclasses.Field) -> str:
 
 
 _TRAINING_FIELDS = (
-    "model", "epochs", "batch_size", "lr", "warmup_ratio", "weight_decay", "max_length", "train_samples",
-    "data_seed", "holdout", *(f.name for f in _SETTING_FLAGS), "solver_options",
+    "model", "epochs", "batch_size", "lr", "warmup_ratio", "weight_decay", "max_length", "dropout",
+    "train_samples", "data_seed", "holdout", *(f.name for f in _SETTING_FLAGS), "solver_options",
 )  # fmt: skip
 
 

@@ -515,6 +515,22 @@ def _load_classifier(path: str, num_labels: int, **kw: Any) -> nn.Module:
     return model
 
 
+def dropout_overrides(name_or_path: str | None, probability: float) -> dict[str, float]:
+    """``from_pretrained`` keyword arguments that set every dropout probability of a model's config to
+    ``probability``: the numeric settings named ``*dropout*`` or ``*pdrop`` (BERT's ``hidden_dropout_prob``
+    and ``attention_probs_dropout_prob``, DistilBERT's ``dropout`` and ``attention_dropout``, GPT-2's
+    ``attn_pdrop``, ...); unset ones (``classifier_dropout=None``: the hidden one applies) stay unset. A
+    config without any is an error: the setting would do nothing."""
+    config = transformers.AutoConfig.from_pretrained(resolve_model_path(name_or_path)).to_dict()
+    keys = sorted(k for k, v in config.items() if ("dropout" in k or k.endswith("pdrop"))
+                  and isinstance(v, (int, float)) and not isinstance(v, bool))  # fmt: skip
+    if not keys:
+        model = name_or_path or "the offline MiniLM"
+        raise ValueError(f"the config of {model} has no dropout probability to set (no number named "
+                         "*dropout* or *pdrop); leave dropout unset")  # fmt: skip
+    return dict.fromkeys(keys, probability)
+
+
 def load_model(
     name_or_path: str | None = None, num_labels: int | None = None, **kw: Any
 ) -> tuple[nn.Module, Any]:

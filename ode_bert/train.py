@@ -53,7 +53,7 @@ from .data import Example, check_data, get_task, holdout_split, load_train, stra
 from .encoding import Collator, EncodedDataset
 from .io import atomic_open, write_json_atomic
 from .layers import find_layers, parse_layers
-from .pretrained import load_model
+from .pretrained import dropout_overrides, load_model
 from .settings import (
     IM_BERT_TOL_BEFORE_0_2,
     SETTING_NAMES,
@@ -75,7 +75,7 @@ RUN_FILES = (CONFIG_FILE, CHECKPOINT, LEGACY_CHECKPOINT, HISTORY_FILE, "metrics.
 # settings that say where a run is, not what it is: moving a run folder keeps it the same run
 LOCATION_SETTINGS = frozenset({"output_dir"})
 # settings added after runs were recorded without them: a saved run lacking one had its value here
-LATER_SETTINGS: dict[str, Any] = {"warm_start": False, "eval_tol": None}
+LATER_SETTINGS: dict[str, Any] = {"warm_start": False, "eval_tol": None, "dropout": None}
 
 
 class RunDirError(OSError, ValueError):
@@ -109,6 +109,9 @@ class TrainConfig(OptionalSettings, _RunTask):
     ``warm_start``: start each example's implicit solves from its fixed points of the previous epoch
     (``ode_bert.warm_start``; training only, evaluation starts cold); the store is part of the checkpoint.
     Variants without implicit layers refuse it.
+
+    ``dropout``: every dropout probability of the model's config set to this for fine-tuning
+    (``pretrained.dropout_overrides``; ``None``: the pretrained model's own, 0.1 for MiniLM).
     """
 
     epochs: int = 3
@@ -125,6 +128,7 @@ class TrainConfig(OptionalSettings, _RunTask):
     output_dir: str = "runs/run"
     data_dir: str | None = None
     warm_start: bool = False
+    dropout: float | None = None
     resume: bool = False
 
     def validate(self) -> None:
@@ -153,6 +157,11 @@ class TrainConfig(OptionalSettings, _RunTask):
             if not ok or value < low or (value == low and not inclusive):
                 bound = ">= 0" if inclusive else "> 0"
                 raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+        rate = self.dropout
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float))
+                                 or not 0 <= rate < 1):  # fmt: skip
+            raise ValueError(f"dropout must be a probability in [0, 1) or None (the model's own), got "
+                             f"{self.dropout!r}")  # fmt: skip
         if not isinstance(self.output_dir, (str, os.PathLike)) or not str(self.output_dir):
             raise ValueError(f"output_dir must be a path, got {self.output_dir!r}")
         if not isinstance(self.warm_start, bool):
@@ -674,7 +683,8 @@ def train(config: TrainConfig) -> Path:
     examples, _ = split_training_data(config)
 
     set_seed(config.seed)  # the classifier head's initialisation depends on the seed only
-    model, tokenizer = load_model(config.model, num_labels=task.num_labels)
+    overrides = {} if config.dropout is None else dropout_overrides(config.model, config.dropout)
+    model, tokenizer = load_model(config.model, num_labels=task.num_labels, **overrides)
     apply_variant(model, config)
     dataset = WithExampleIds(EncodedDataset(examples, tokenizer, config.max_length))
     loader = DataLoader(

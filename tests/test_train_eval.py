@@ -249,6 +249,44 @@ def test_explicit_euler_residual_variant_trains_like_the_stock_model(tiny_model:
     assert json.loads((euler / "model" / "config.json").read_text())["ode_bert"]["solver"] == "euler"
 
 
+def test_dropout_setting_trains_as_a_model_saved_without_dropout(
+    tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``dropout=0.0`` is the stock model with its config's dropout probabilities at zero: the same weights
+    as training a copy saved that way by hand; the run records the setting and the saved config the
+    probabilities. A config with no dropout to set, and a value outside [0, 1), are refused."""
+    from transformers import AutoConfig, BertModel, GPT2Config, PretrainedConfig
+
+    by_hand = tmp_path / "no-dropout-model"
+    config = AutoConfig.from_pretrained(tiny_model)
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+    BertModel.from_pretrained(tiny_model, config=config).save_pretrained(by_hand)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(by_hand)
+    runs = [train(_config(tiny_model, tmp_path / "set", variant="im", dropout=0.0)),
+            train(_config(str(by_hand), tmp_path / "by-hand", variant="im"))]  # fmt: skip
+    weights = [load_file(run / "model" / "model.safetensors") for run in runs]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    saved = json.loads((runs[0] / "model" / "config.json").read_text())
+    assert (saved["hidden_dropout_prob"], saved["attention_probs_dropout_prob"]) == (0.0, 0.0)
+    assert json.loads((runs[0] / "train_config.json").read_text())["dropout"] == 0.0
+    default = train(_config(tiny_model, tmp_path / "default", variant="im"))  # dropout 0.1: other weights
+    assert not torch.equal(load_file(default / "model" / "model.safetensors")["classifier.weight"],
+                           weights[0]["classifier.weight"])  # fmt: skip
+
+    gpt2 = tmp_path / "gpt2-like"  # names of another family
+    GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(gpt2)
+    assert ode_bert.pretrained.dropout_overrides(str(gpt2), 0.0) == dict.fromkeys(
+        ["attn_pdrop", "embd_pdrop", "resid_pdrop", "summary_first_dropout"], 0.0)
+    bare = PretrainedConfig()  # the base class: no dropout of any kind
+    monkeypatch.setattr(ode_bert.pretrained.transformers.AutoConfig, "from_pretrained", lambda path: bare)
+    with pytest.raises(ValueError, match="no dropout probability to set"):
+        ode_bert.pretrained.dropout_overrides(str(gpt2), 0.0)
+    for bad in (1.0, -0.1, True, "0.1"):
+        with pytest.raises(ValueError, match="dropout must be a probability in \\[0, 1\\)"):
+            _config(tiny_model, tmp_path / "bad", dropout=bad).validate()
+
+
 def test_config_errors_name_the_choices() -> None:
     with pytest.raises(ValueError, match="unknown variant 'xx'; valid variants: bert, ex, im, ode"):
         TrainConfig(variant="xx").validate()

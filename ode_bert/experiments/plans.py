@@ -52,6 +52,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # the default with the backward's adjoint solve loosened to 1e-1 (3.3 instead of 5.8 VJPs per solve,
     # BENCHMARKS.md section 5): does the less exact gradient keep the accuracy?
     "im-adjtol1e-1": {"variant": "im", "tol": 1e-2, "solver_options": {"adjoint_tol": 1e-1}},
+    # with 0.3.0's fresh dropout draws some default IM runs collapse (RESULTS.md): the default and its
+    # explicit control fine-tuned without dropout, to say whether dropout noise is what unsettles IM training
+    "im-nodropout": {"variant": "im", "tol": 1e-2, "dropout": 0.0},
+    "ex-nodropout": {"variant": "ex", "dropout": 0.0},
 }
 
 # Solver settings a base variant does not take: each run gets only the ones that apply to it, so one set of
@@ -101,6 +105,7 @@ PLANS: dict[str, list[Group]] = {
         Group("sst2", 1000, ("im-upper", "ex-upper")),
         Group("sst2", 1000, ("im-fast",)),
         Group("sst2", 1000, ("im-onestep", "im-tol1e-2", "im-tol1e-1", "im-adjtol1e-1")),
+        Group("sst2", 1000, ("im-nodropout", "ex-nodropout")),
     ],
 }
 
