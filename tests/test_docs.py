@@ -57,3 +57,36 @@ def test_code_blocks_run_as_written(
             except Exception as err:
                 raise AssertionError(f"{path.name}, code block {number} fails as written:\n{code}") from err
     assert os.getcwd() == str(tmp_path)
+
+
+def heading_anchors(text: str) -> set[str]:
+    """The anchors GitHub gives the headings of a markdown text: lowercased, punctuation but ``-`` and ``_``
+    dropped, spaces as ``-``; a repeated heading gets ``-1``, ``-2``, ... Code blocks hold no headings."""
+    anchors, counts = set(), {}
+    prose = re.sub(r"```.*?```", "", text, flags=re.DOTALL)
+    for heading in re.findall(r"^#{1,6} (.+)$", prose, re.MULTILINE):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        repeat = counts.get(slug, 0)
+        anchors.add(slug if repeat == 0 else f"{slug}-{repeat}")
+        counts[slug] = repeat + 1
+    return anchors
+
+
+def test_heading_anchors_follow_githubs_rule() -> None:
+    text = ("# A b\n## 0.3.0's draws: 15 seeds (SST-2, 1,000)\n```\n# not a heading\n```\n## A b\n"
+            "### x_y − z\n")
+    assert heading_anchors(text) == {"a-b", "030s-draws-15-seeds-sst-2-1000", "a-b-1", "x_y--z"}
+
+
+def test_links_to_headings_resolve() -> None:
+    """Every ``[text](FILE.md#anchor)`` and ``[text](#anchor)`` of the project's markdown names a heading
+    that exists: a renamed section (its seed count, say) must take its links along."""
+    files = [*REPO.glob("*.md"), *(REPO / "docs").glob("*.md"), *(REPO / "bench").rglob("*.md")]
+    anchors = {path.resolve(): heading_anchors(path.read_text(encoding="utf-8")) for path in files}
+    broken = []
+    for path in files:
+        for target, anchor in re.findall(r"\]\(([^)\s#]*)#([^)\s]+)\)", path.read_text(encoding="utf-8")):
+            resolved = (path.parent / target).resolve() if target else path.resolve()
+            if resolved in anchors and anchor not in anchors[resolved]:
+                broken.append(f"{path.relative_to(REPO)} -> {target}#{anchor}")
+    assert not broken, "links to headings that do not exist:\n" + "\n".join(broken)
