@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -40,6 +41,14 @@ from .train import (
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.json"
 DEV_SUBSET_SEED = 0  # the clean-dev subset is the same for every run, so runs stay comparable
+# A model that gives one label to this share of the clean dev examples (where the labels are more mixed)
+# did not learn the task: its scores are those of a near-constant predictor (NotLearnedWarning).
+ONE_LABEL_SHARE = 0.95
+
+
+class NotLearnedWarning(UserWarning):
+    """A fine-tuned model predicts (nearly) one label for every clean dev example: it did not learn the
+    task, and its scores, AdvGLUE's included, say nothing about robustness."""
 
 
 def split_metrics(split: str, labels: Sequence[int], predictions: Sequence[int]) -> dict[str, float]:
@@ -133,6 +142,16 @@ def constant_baseline(sets: dict[str, list[Example]], label: int) -> dict[str, A
         for split, exs in sets.items()
     }
     return {"label": label, "overall": official_scores(splits)["overall"]}
+
+
+def one_label_share(predictions: Mapping[str, Mapping[str, list[int]]]) -> tuple[int, float, float]:
+    """(the most predicted label, its share of the predictions, the most common true label's share) over
+    every split of ``predictions`` (``_score``'s: ``{split: {"labels": [...], "predictions": [...]}}``)."""
+    predicted = Counter(p for split in predictions.values() for p in split["predictions"])
+    labels = Counter(label for split in predictions.values() for label in split["labels"])
+    label, count = predicted.most_common(1)[0]
+    total = sum(predicted.values())
+    return label, count / total, labels.most_common(1)[0][1] / total
 
 
 def _score(
@@ -244,6 +263,18 @@ def evaluate(
     majority = Counter(ex.label for ex in trained_on).most_common(1)[0][0]
     for metrics_of_set, sets in ((clean_metrics, clean), (adv_metrics, adv)):
         metrics_of_set["constant_baseline"] = constant_baseline(sets, majority)
+    label, share, label_share = one_label_share(clean_predictions)
+    clean_metrics["prediction_share"] = share
+    if share >= ONE_LABEL_SHARE and share > label_share + 0.1:
+        scores = (f"clean {100 * clean_metrics['overall']:.2f}, always answering {majority}: "
+                  f"{100 * clean_metrics['constant_baseline']['overall']:.2f}; AdvGLUE "
+                  f"{100 * adv_metrics['overall']:.2f}")
+        warnings.warn(
+            f"{run_dir}: the model predicts label {label} for {share:.0%} of the clean dev examples (the "
+            f"most common label is {label_share:.0%} of them): it did not learn the task. Its scores "
+            f"({scores}) are a near-constant predictor's; see its training loss in train_history.json",
+            NotLearnedWarning, stacklevel=2,
+        )  # fmt: skip
     if heldout:
         heldout_metrics, heldout_predictions = _score(
             model, tokenizer, {config["task"]: heldout}, config["max_length"], batch_size, "heldout"

@@ -155,3 +155,21 @@ def test_every_named_plan_run_has_valid_settings_with_its_variant_s_own() -> Non
         config = run.config()
         for name, value in experiments.VARIANTS.get(run.variant, {}).items():
             assert getattr(config, name) == value, (run.label, name)
+
+
+def test_per_seed_table_marks_the_runs_that_did_not_learn() -> None:
+    """A run within NOT_LEARNED_MARGIN (5) points of the constant prediction on clean dev is marked ‡ and the
+    note says why; 5.5 points above it is not; a record without the constant level is never marked."""
+    from ode_bert.experiments.report import format_seeds
+
+    def record(seed: int, clean: float, constant: float | None) -> dict[str, object]:
+        scores = {"overall": clean} if constant is None else {"overall": clean, "constant": constant}
+        return {"group": "sst2-n1000", "variant": "im", "seed": seed, "clean": scores,
+                "advglue": {"overall": 0.5}}  # fmt: skip
+
+    table = format_seeds([record(1, 0.549, 0.50), record(2, 0.555, 0.50), record(3, 0.50, None)])
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    assert rows["1"].endswith("| 54.90 / 50.00 ‡ |")
+    assert rows["2"].endswith("| 55.50 / 50.00 |") and rows["3"].endswith("| 50.00 / 50.00 |")
+    assert "‡ clean dev within 5 points of always answering the majority training class" in table
+    assert "‡" not in format_seeds([record(2, 0.555, 0.50)])

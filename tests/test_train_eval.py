@@ -287,6 +287,32 @@ def test_dropout_setting_trains_as_a_model_saved_without_dropout(
             _config(tiny_model, tmp_path / "bad", dropout=bad).validate()
 
 
+def test_evaluation_warns_when_the_model_gives_one_label_to_nearly_everything(
+    tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model that answers one label for (nearly) every clean dev example did not learn: evaluation says so
+    (``NotLearnedWarning``, with the scores) and records the share; a model that answers the true labels
+    does not warn, and its share is the most common label's."""
+    import warnings
+
+    from ode_bert import evaluate as evaluate_module
+
+    run = train(_config(tiny_model, tmp_path / "run", variant="bert", tol=None, max_iter=None))
+    monkeypatch.setattr(evaluate_module, "predict", lambda model, tok, examples, *a, **k: [1] * len(examples))
+    with pytest.warns(evaluate_module.NotLearnedWarning, match="predicts label 1 for 100% of the clean dev"):
+        metrics = evaluate(run, dev_samples=40)
+    assert metrics["clean"]["prediction_share"] == 1.0
+    monkeypatch.setattr(evaluate_module, "predict",
+                        lambda model, tok, examples, *a, **k: [ex.label for ex in examples])  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", evaluate_module.NotLearnedWarning)
+        metrics = evaluate(run, dev_samples=40)
+    labels = json.loads((run / "predictions.json").read_text())["clean"]["sst2"]["labels"]
+    assert len(labels) == 40 and 0 < sum(labels) < 40
+    assert metrics["clean"]["prediction_share"] == max(labels.count(0), labels.count(1)) / 40
+    assert metrics["clean"]["overall"] == 1.0
+
+
 def test_config_errors_name_the_choices() -> None:
     with pytest.raises(ValueError, match="unknown variant 'xx'; valid variants: bert, ex, im, ode"):
         TrainConfig(variant="xx").validate()

@@ -111,20 +111,44 @@ def _variant_order(variant: str) -> tuple[int, str]:
     return (order.index(variant), "") if variant in order else (len(order), variant)
 
 
+# A run whose clean dev score is within this many points of always answering the majority training class
+# did not learn the task (``format_seeds`` marks it): its AdvGLUE score is a near-constant predictor's.
+NOT_LEARNED_MARGIN = 5.0
+
+
+def not_learned(record: dict[str, Any]) -> bool:
+    """Whether a run's clean score is within ``NOT_LEARNED_MARGIN`` points of the constant prediction's
+    (records without the constant level: ``False``)."""
+    constant = record["clean"].get("constant")
+    return constant is not None and 100 * (record["clean"]["overall"] - constant) < NOT_LEARNED_MARGIN
+
+
 def format_seeds(records: list[dict[str, Any]]) -> str:
     """Per group, a markdown table of each run's clean / AdvGLUE score (%) by seed, variants in ``VARIANTS``
-    order: the runs behind the means, to spot a collapsed seed."""
+    order: the runs behind the means, with the runs that did not learn marked (``not_learned``)."""
     out = []
     for name, runs in by_group(records).items():
         variants = sorted(runs, key=_variant_order)
         seeds = sorted({seed for by_seed in runs.values() for seed in by_seed})
         out += [f"Per seed, {name}, clean / AdvGLUE:", "", f"| seed | {' | '.join(variants)} |",
                 "|---" * (len(variants) + 1) + "|"]
+        marked = False
         for seed in seeds:
-            cells = [" / ".join(f"{100 * runs[v][seed][m]['overall']:.2f}" for m in METRICS)
-                     if seed in runs[v] else "-" for v in variants]
+            cells = []
+            for variant in variants:
+                run = runs[variant].get(seed)
+                if run is None:
+                    cells.append("-")
+                    continue
+                mark = " ‡" if not_learned(run) else ""
+                marked |= bool(mark)
+                cells.append(" / ".join(f"{100 * run[m]['overall']:.2f}" for m in METRICS) + mark)
             out.append(f"| {seed} | {' | '.join(cells)} |")
         out.append("")
+        if marked:
+            out += [f"‡ clean dev within {NOT_LEARNED_MARGIN:g} points of always answering the majority "
+                    "training class: the run did not learn the task, and its AdvGLUE score is a "
+                    "near-constant predictor's.", ""]  # fmt: skip
     return "\n".join(out)
 
 
