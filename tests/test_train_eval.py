@@ -455,8 +455,11 @@ def test_grid_runs_plan_in_parallel_and_pairs_by_seed(
     metrics = {(v, s): json.loads((tmp_path / "sst2-n16" / f"{v}-seed{s}" / "metrics.json").read_text())
                for v, s in runs}
     per_seed = report.split("Per seed, sst2-n16, clean / AdvGLUE:")[1]
-    for seed in (1, 2):  # per-seed rows: bert, then im, each clean / AdvGLUE
-        cells = [f"{100 * metrics[v, seed]['clean']['overall']:.2f} / {100 * scores[v, seed]:.2f}"
+    for seed in (1, 2):  # per-seed rows: bert, then im, each clean / AdvGLUE, ‡ if at the constant level
+        clean = {v: metrics[v, seed]["clean"] for v in ("bert", "im")}
+        marks = {v: " ‡" if 100 * (c["overall"] - c["constant_baseline"]["overall"]) < 5 else ""
+                 for v, c in clean.items()}  # fmt: skip
+        cells = [f"{100 * clean[v]['overall']:.2f} / {100 * scores[v, seed]:.2f}{marks[v]}"
                  for v in ("bert", "im")]
         assert f"| {seed} | {cells[0]} | {cells[1]} |" in per_seed
     records = experiments.load_records([linked / "results.jsonl", tmp_path / "results.jsonl"])
