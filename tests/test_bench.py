@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench import _common, cost, implicit_step, paired_records, report, stiff, training_overhead
+from bench import _common, cost, implicit_step, paired_records, report, rng_trace, stiff, training_overhead
 
 
 @pytest.fixture(autouse=True)
@@ -214,3 +215,13 @@ def test_paired_records_pairs_one_variant_across_two_files(tmp_path: Path) -> No
                                            "clean": {"overall": 0.7}, "advglue": {"overall": 0.4}}))
     with pytest.raises(ValueError, match="second im record for seed 2"):
         paired_records.main(["--new", str(twice), "--old", str(old), *options])
+
+
+def test_rng_trace_sees_no_generator_state_twice() -> None:
+    """Since 0.3.0 training draws fresh random numbers: over three steps of a 3-layer IM model, every step and
+    every implicit layer starts from a state not seen before (0.2.0 started a step at a state already used,
+    RESULTS.md)."""
+    lines = rng_trace.trace(steps=3, layers=3)
+    names = re.findall(r"\bs\d+\b", " ".join(lines))
+    assert len(lines) == 3 and len(names) == 3 * 4
+    assert len(set(names)) == len(names)
