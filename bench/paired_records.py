@@ -19,9 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import scipy.stats
-
-from ode_bert.experiments.stats import METRICS, paired_difference
+from ode_bert.experiments.stats import METRICS, mcnemar, paired_difference
 
 
 def runs_by_seed(paths: Sequence[Path], variant: str, group: str) -> dict[int, dict[str, Any]]:
@@ -42,13 +40,13 @@ def runs_by_seed(paths: Sequence[Path], variant: str, group: str) -> dict[int, d
 
 
 def sign_test(differences: Sequence[float]) -> str:
-    """``k of n higher, p = ...``: the two-sided sign test of the nonzero differences (exact binomial)."""
-    higher = sum(d > 0 for d in differences)
-    nonzero = sum(d != 0 for d in differences)
+    """``k of n higher, p = ...``: the two-sided sign test of the nonzero differences, which is McNemar's
+    exact test (``stats.mcnemar``) on the seeds where NEW is higher against those where it is lower."""
+    test = mcnemar([d > 0 for d in differences], [d < 0 for d in differences])
+    nonzero = test["only_a"] + test["only_b"]
     if nonzero == 0:
         return "0 of 0 higher"
-    p = scipy.stats.binomtest(higher, nonzero, 0.5).pvalue
-    return f"{higher} of {nonzero} higher, p = {p:.2g}"
+    return f"{test['only_a']} of {nonzero} higher, p = {test['p_value']:.2g}"
 
 
 def compare(new: Sequence[Path], old: Sequence[Path], variant: str, group: str,
