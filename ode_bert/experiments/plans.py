@@ -56,6 +56,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # explicit control fine-tuned without dropout, to say whether dropout noise is what unsettles IM training
     "im-nodropout": {"variant": "im", "tol": 1e-2, "dropout": 0.0},
     "ex-nodropout": {"variant": "ex", "dropout": 0.0},
+    # the same three connections at half the plan's learning rate: does a smaller step make the default
+    # IM-BERT's fine-tuning reliable under fresh dropout draws, and where does IM - EX land then?
+    "im-lr1e-4": {"variant": "im", "tol": 1e-2, "lr": 1e-4},
+    "ex-lr1e-4": {"variant": "ex", "lr": 1e-4},
+    "bert-lr1e-4": {"variant": "bert", "lr": 1e-4},
 }
 
 # Solver settings a base variant does not take: each run gets only the ones that apply to it, so one set of
@@ -106,6 +111,7 @@ PLANS: dict[str, list[Group]] = {
         Group("sst2", 1000, ("im-fast",)),
         Group("sst2", 1000, ("im-onestep", "im-tol1e-2", "im-tol1e-1", "im-adjtol1e-1")),
         Group("sst2", 1000, ("im-nodropout", "ex-nodropout")),
+        Group("sst2", 1000, ("im-lr1e-4", "ex-lr1e-4", "bert-lr1e-4")),
     ],
 }
 
