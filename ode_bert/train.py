@@ -6,8 +6,9 @@
     checkpoint.safetensors   model + optimizer + scheduler + RNG states (+ the warm-start store), after each
                              epoch (removed at the end)
     model/                   the final model and tokenizer (``ode_bert.from_pretrained`` reloads it)
-    train_history.json       per epoch: mean training loss, implicit-solve convergence, the machine it ran on;
-                             written last, it marks the run as complete
+    train_history.json       per epoch: mean training loss, gradient norms before clipping (summary, and
+                             loss and norm at every step), implicit-solve convergence, the machine it ran
+                             on; written last, it marks the run as complete
 
 Every setting (including the conversion, by building the model) and the data files are checked before
 anything is written, so a run that fails at start-up leaves nothing behind. The data order of epoch ``e`` is
@@ -654,6 +655,16 @@ class SolveTally:
         }
 
 
+def grad_norm_summary(norms: list[float], max_norm: float) -> dict[str, float] | None:
+    """Mean, median and largest gradient norm of an epoch's steps, before clipping, and the share of steps
+    clipped to ``max_norm``: a run that stops learning shows here whether its updates were cut short.
+    ``None`` where no norm was recorded."""
+    if not norms:
+        return None
+    return {"mean": float(np.mean(norms)), "median": float(np.median(norms)), "max": max(norms),
+            "clipped_fraction": sum(n > max_norm for n in norms) / len(norms), "max_norm": max_norm}
+
+
 def train(config: TrainConfig) -> Path:
     """Fine-tune as ``config`` says; returns the run directory (see the module docstring for its files).
 
@@ -721,7 +732,8 @@ def train(config: TrainConfig) -> Path:
     for epoch in range(start_epoch, config.epochs):
         loader.set_epoch(epoch)  # Accelerate passes it on to EpochSampler (else it counts epochs from 0)
         model.train()
-        losses = []
+        losses: list[float] = []
+        grad_norms: list[float] = []
         tally = SolveTally()
         if store is not None:
             store.reset_counts()
@@ -742,7 +754,9 @@ def train(config: TrainConfig) -> Path:
                     loss = model(**batch).loss
                 tally.add(accelerator.unwrap_model(model))
                 accelerator.backward(loss)
-                accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                if grad_norm is not None:  # DeepSpeed before its engine exists returns no norm
+                    grad_norms.append(float(grad_norm))
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
@@ -751,7 +765,9 @@ def train(config: TrainConfig) -> Path:
                     loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", **tally.postfix()
                 )
         solves = tally.merge(accelerator).record()
-        history.append({"epoch": epoch + 1, "mean_loss": float(np.mean(losses)), "solver": solves,
+        history.append({"epoch": epoch + 1, "mean_loss": float(np.mean(losses)),
+                        "grad_norm": grad_norm_summary(grad_norms, config.max_grad_norm),
+                        "steps": {"loss": losses, "grad_norm": grad_norms}, "solver": solves,
                         "machine": machine})  # fmt: skip
         if store is not None:  # (example, layer) solves started warm / cold, store size
             history[-1]["warm_start"] = store.stats()
