@@ -6,9 +6,10 @@
     checkpoint.safetensors   model + optimizer + scheduler + RNG states (+ the warm-start store), after each
                              epoch (removed at the end)
     model/                   the final model and tokenizer (``ode_bert.from_pretrained`` reloads it)
-    train_history.json       per epoch: mean training loss, gradient norms before clipping (summary, and
-                             loss and norm at every step), implicit-solve convergence, the machine it ran
-                             on; written last, it marks the run as complete
+    train_history.json       per epoch: mean training loss, gradient norms before clipping, convergence of
+                             the implicit solves and of the implicit gradient's adjoint solves, and at
+                             every step the loss, norm and worst residuals; the machine it ran on. Written
+                             last, it marks the run as complete
 
 Every setting (including the conversion, by building the model) and the data files are checked before
 anything is written, so a run that fails at start-up leaves nothing behind. The data order of epoch ``e`` is
@@ -47,7 +48,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup, set_seed
 
-from solvers import ConvergenceWarning
+from solvers import AdjointSolve, ConvergenceWarning, RootInfo, watch_adjoint_solves
 
 from .convert import CONFIG_KEY, convert, ode_config, solver_stats
 from .data import Example, check_data, get_task, holdout_split, load_train, stratified_subset
@@ -588,8 +589,9 @@ def remove_orphans(run_dir: Path) -> list[str]:
 
 
 class SolveTally:
-    """Convergence of a model's implicit solves over many forwards: (example, layer) solves, converged ones,
-    worst relative residual, iterations (from ``solver_stats`` after each forward)."""
+    """Convergence of implicit solves over many forwards or backward passes: (example, layer) solves,
+    converged ones, worst relative residual, iterations. ``add`` takes a model's forward solves
+    (``solver_stats``), ``add_solve`` one solve's record (an adjoint solve of the implicit gradient)."""
 
     def __init__(self) -> None:
         self.solves = self.converged = self.layer_solves = self.iterations = self.max_iterations = 0
@@ -598,30 +600,36 @@ class SolveTally:
 
     def add(self, model: torch.nn.Module) -> None:
         for stats in solver_stats(model):
-            if stats.root is None:
-                continue
-            self.layer_solves += 1
-            self.solves += stats.root.converged.numel()
-            self.converged += int(stats.root.converged.sum())
-            self.iterations += stats.iterations
-            self.max_iterations = max(self.max_iterations, stats.iterations)
-            if stats.residual is not None:
-                self.max_residual = max(self.max_residual or 0.0, float(stats.residual))
-            if stats.tol is not None:
-                self.tol = max(self.tol or 0.0, float(stats.tol))
+            if stats.root is not None:
+                self.add_solve(stats.root, stats.iterations, stats.residual, stats.tol)
 
-    def merge(self, accelerator: Any) -> SolveTally:
-        """The tally over all processes of a data-parallel run (itself in a single process)."""
-        if accelerator.num_processes == 1:
-            return self
-        values = torch.tensor(
-            [[self.solves, self.converged, self.layer_solves, self.iterations, self.max_iterations,
-              -1.0 if self.max_residual is None else self.max_residual,
-              -1.0 if self.tol is None else self.tol]],
-            dtype=torch.float64, device=accelerator.device,
-        )  # fmt: skip
-        rows = accelerator.gather(values).cpu().tolist()
-        total = SolveTally()
+    def add_solve(self, root: RootInfo, iterations: int, residual: float | None, tol: float | None) -> None:
+        """One layer's solve: its per-sample record, iterations and worst relative residual (max over the
+        batch) and the tolerance it stopped at."""
+        self.layer_solves += 1
+        self.solves += root.converged.numel()
+        self.converged += int(root.converged.sum())
+        self.iterations += iterations
+        self.max_iterations = max(self.max_iterations, iterations)
+        if residual is not None:
+            self.max_residual = max(self.max_residual or 0.0, float(residual))
+        if tol is not None:
+            self.tol = max(self.tol or 0.0, float(tol))
+
+    def add_adjoint(self, solve: AdjointSolve) -> None:
+        """An adjoint solve of the implicit gradient (a ``watch_adjoint_solves`` callback)."""
+        info = solve.info
+        self.add_solve(info, int(info.iterations.max()), info.max_rel_residual, info.tol)
+
+    def _row(self) -> list[float]:
+        residual = -1.0 if self.max_residual is None else self.max_residual  # -1: none recorded
+        tol = -1.0 if self.tol is None else self.tol
+        counts = [self.solves, self.converged, self.layer_solves, self.iterations, self.max_iterations]
+        return [*counts, residual, tol]
+
+    @classmethod
+    def _from_rows(cls, rows: list[list[float]]) -> SolveTally:
+        total = cls()
         for solves, converged, layer_solves, iterations, max_iterations, residual, tol in rows:
             total.solves += int(solves)
             total.converged += int(converged)
@@ -633,6 +641,16 @@ class SolveTally:
             if tol >= 0:
                 total.tol = max(total.tol or 0.0, tol)
         return total
+
+    def __add__(self, other: SolveTally) -> SolveTally:
+        return self._from_rows([self._row(), other._row()])
+
+    def merge(self, accelerator: Any) -> SolveTally:
+        """The tally over all processes of a data-parallel run (itself in a single process)."""
+        if accelerator.num_processes == 1:
+            return self
+        values = torch.tensor([self._row()], dtype=torch.float64, device=accelerator.device)
+        return self._from_rows(accelerator.gather(values).cpu().tolist())
 
     def postfix(self) -> dict[str, str]:
         if not self.solves:
@@ -732,9 +750,9 @@ def train(config: TrainConfig) -> Path:
     for epoch in range(start_epoch, config.epochs):
         loader.set_epoch(epoch)  # Accelerate passes it on to EpochSampler (else it counts epochs from 0)
         model.train()
-        losses: list[float] = []
-        grad_norms: list[float] = []
-        tally = SolveTally()
+        steps: dict[str, list[Any]] = {"loss": [], "grad_norm": [], "max_rel_residual": [],
+                                       "adjoint_max_rel_residual": []}  # fmt: skip
+        tally, adjoint = SolveTally(), SolveTally()  # the epoch's forward and adjoint solves
         if store is not None:
             store.reset_counts()
         bar = tqdm(
@@ -745,40 +763,49 @@ def train(config: TrainConfig) -> Path:
         )
         # A solve that stops short warns once per forward; while training they are counted instead and
         # reported once per epoch (bar, summary line, train_history.json). Interactive use keeps the warnings.
+        # The adjoint solves of the implicit gradient, in the backward pass, are counted the same way.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             for batch in bar:
                 example_ids = batch.pop(EXAMPLE_IDS)
+                step_forward, step_adjoint = SolveTally(), SolveTally()
                 with (contextlib.nullcontext() if store is None else
                       store.batch(accelerator.unwrap_model(model), example_ids, batch["attention_mask"])):
                     loss = model(**batch).loss
-                tally.add(accelerator.unwrap_model(model))
-                accelerator.backward(loss)
+                step_forward.add(accelerator.unwrap_model(model))
+                with watch_adjoint_solves(step_adjoint.add_adjoint):
+                    accelerator.backward(loss)
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                if grad_norm is not None:  # DeepSpeed before its engine exists returns no norm
-                    grad_norms.append(float(grad_norm))
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
-                losses.append(loss.item())
+                tally, adjoint = tally + step_forward, adjoint + step_adjoint
+                steps["loss"].append(loss.item())
+                # DeepSpeed before its engine exists returns no norm
+                steps["grad_norm"].append(None if grad_norm is None else float(grad_norm))
+                steps["max_rel_residual"].append(step_forward.max_residual)
+                steps["adjoint_max_rel_residual"].append(step_adjoint.max_residual)
                 bar.set_postfix(
                     loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", **tally.postfix()
                 )
         solves = tally.merge(accelerator).record()
-        history.append({"epoch": epoch + 1, "mean_loss": float(np.mean(losses)),
-                        "grad_norm": grad_norm_summary(grad_norms, config.max_grad_norm),
-                        "steps": {"loss": losses, "grad_norm": grad_norms}, "solver": solves,
-                        "machine": machine})  # fmt: skip
+        adjoint_solves = adjoint.merge(accelerator).record()
+        norms = [n for n in steps["grad_norm"] if n is not None]
+        recorded = {k: v for k, v in steps.items() if any(x is not None for x in v)}
+        history.append({"epoch": epoch + 1, "mean_loss": float(np.mean(steps["loss"])),
+                        "grad_norm": grad_norm_summary(norms, config.max_grad_norm), "solver": solves,
+                        "adjoint": adjoint_solves, "machine": machine, "steps": recorded})  # fmt: skip
         if store is not None:  # (example, layer) solves started warm / cold, store size
             history[-1]["warm_start"] = store.stats()
-        if solves is not None and solves["example_converged"] < solves["example_solves"]:
-            accelerator.print(
-                f"epoch {epoch + 1}: {solves['example_converged']} of {solves['example_solves']} "
-                f"(example, layer) implicit solves converged to tol {solves['tol']:.0e} "
-                f"({100 * solves['example_converged_fraction']:.1f}%), worst relative residual "
-                f"{solves['max_rel_residual']:.2e}; per-batch warnings are off while training, "
-                f"{HISTORY_FILE} keeps these figures"
-            )
+        for what, record in (("implicit", solves), ("adjoint (backward)", adjoint_solves)):
+            if record is not None and record["example_converged"] < record["example_solves"]:
+                accelerator.print(
+                    f"epoch {epoch + 1}: {record['example_converged']} of {record['example_solves']} "
+                    f"(example, layer) {what} solves converged to tol {record['tol']:.0e} "
+                    f"({100 * record['example_converged_fraction']:.1f}%), worst relative residual "
+                    f"{record['max_rel_residual']:.2e}; per-batch warnings are off while training, "
+                    f"{HISTORY_FILE} keeps these figures"
+                )
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             save_checkpoint(

@@ -287,36 +287,50 @@ def test_dropout_setting_trains_as_a_model_saved_without_dropout(
             _config(tiny_model, tmp_path / "bad", dropout=bad).validate()
 
 
-def test_history_records_each_step_s_loss_and_gradient_norm_before_clipping(
-    tiny_model: str, tmp_path: Path
-) -> None:
-    """One step on the whole training set: the recorded loss and pre-clipping gradient norm are those of the
-    stock model's forward and backward on that batch by hand; clipping to a tiny norm does not change the
-    recorded norm and counts the step as clipped."""
+def test_history_records_each_step_s_loss_gradient_norm_and_solves(tiny_model: str, tmp_path: Path) -> None:
+    """One IM step on the whole training set: the recorded loss, pre-clipping gradient norm and worst
+    forward and adjoint residuals are those of the same model's forward and backward by hand; clipping to a
+    tiny norm does not change the recorded norm and counts the step as clipped. BERT has no solves."""
     from transformers import set_seed
 
     from ode_bert.encoding import Collator, EncodedDataset
     from ode_bert.pretrained import dropout_overrides, load_model
 
-    settings = {"variant": "bert", "tol": None, "max_iter": None, "dropout": 0.0, "batch_size": 16}
+    settings = {"dropout": 0.0, "batch_size": 16}
     config = _config(tiny_model, tmp_path / "free", **settings, max_grad_norm=1e9)
     runs = [train(config), train(_config(tiny_model, tmp_path / "clipped", **settings, max_grad_norm=1e-6))]
     epochs = [json.loads((run / "train_history.json").read_text())[0] for run in runs]
 
     set_seed(config.seed)
     model, tokenizer = load_model(tiny_model, num_labels=2, **dropout_overrides(tiny_model, 0.0))
+    train_module.apply_variant(model, config)
     examples, _ = train_module.split_training_data(config)
     dataset = EncodedDataset(examples, tokenizer, config.max_length)
-    loss = model(**Collator(tokenizer)([dataset[i] for i in range(len(dataset))])).loss
-    loss.backward()
+    adjoint: list[solvers.AdjointSolve] = []
+    loss = model.train()(**Collator(tokenizer)([dataset[i] for i in range(len(dataset))])).loss
+    forward = ode_bert.solver_stats(model)
+    with solvers.watch_adjoint_solves(adjoint.append):
+        loss.backward()
     norm = math.sqrt(sum(float(p.grad.square().sum()) for p in model.parameters() if p.grad is not None))
 
+    assert len(forward) == len(adjoint) == 2  # both layers implicit
     for epoch in epochs:
-        assert epoch["steps"]["loss"] == [pytest.approx(loss.item(), rel=1e-5)]
-        assert epoch["steps"]["grad_norm"] == [pytest.approx(norm, rel=1e-4)]
-        assert epoch["grad_norm"]["max"] == epoch["grad_norm"]["mean"] == epoch["steps"]["grad_norm"][0]
+        steps = epoch["steps"]
+        assert steps["loss"] == [pytest.approx(loss.item(), rel=1e-5)]
+        assert steps["grad_norm"] == [pytest.approx(norm, rel=1e-4)]
+        assert steps["max_rel_residual"] == [pytest.approx(max(s.residual for s in forward), rel=1e-4)]
+        assert steps["adjoint_max_rel_residual"] == [
+            pytest.approx(max(a.info.max_rel_residual for a in adjoint), rel=1e-4)]
+        assert epoch["grad_norm"]["max"] == epoch["grad_norm"]["mean"] == steps["grad_norm"][0]
+        assert (epoch["adjoint"]["layer_solves"], epoch["adjoint"]["example_solves"]) == (2, 2 * len(dataset))
+        assert epoch["adjoint"]["example_converged"] == sum(int(a.info.converged.sum()) for a in adjoint)
     assert [e["grad_norm"]["clipped_fraction"] for e in epochs] == [0.0, 1.0]
     assert train_module.grad_norm_summary([], 1.0) is None
+
+    bert = train(_config(tiny_model, tmp_path / "bert", variant="bert", tol=None, max_iter=None))
+    record = json.loads((bert / "train_history.json").read_text())[0]
+    assert record["solver"] is None and record["adjoint"] is None
+    assert set(record["steps"]) == {"loss", "grad_norm"}
 
 
 def test_evaluation_warns_when_the_model_gives_one_label_to_nearly_everything(
