@@ -21,7 +21,17 @@ import numpy as np
 import pytest
 import torch
 
-from bench import _common, cost, implicit_step, paired_records, report, rng_trace, stiff, training_overhead
+from bench import (
+    _common,
+    cost,
+    implicit_step,
+    paired_records,
+    report,
+    rng_trace,
+    stiff,
+    train_curves,
+    training_overhead,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -225,3 +235,29 @@ def test_rng_trace_sees_no_generator_state_twice() -> None:
     names = re.findall(r"\bs\d+\b", " ".join(lines))
     assert len(lines) == 3 and len(names) == 3 * 4
     assert len(set(names)) == len(names)
+
+
+def test_train_curves_finds_the_spike_and_the_loss_around_it(tmp_path: Path) -> None:
+    """A history written by hand: the largest norm's step, its ratio to the median, the mean loss of the
+    steps before and after it across the epoch boundary, and the residuals there; a history without
+    per-step figures is refused naming the file."""
+    solves = {"example_converged_fraction": 0.5, "max_rel_residual": 0.3}
+
+    def epoch(number: int, losses: list[float], norms: list[float]) -> dict[str, object]:
+        return {"epoch": number, "mean_loss": sum(losses) / len(losses),
+                "grad_norm": {"median": 1.0, "max": max(norms), "clipped_fraction": 0.25}, "solver": solves,
+                "adjoint": None, "steps": {"loss": losses, "grad_norm": norms,
+                                           "max_rel_residual": [0.01 * (i + 1) for i in range(len(losses))]}}
+    run = tmp_path / "im-seed1"
+    run.mkdir()
+    history = [epoch(1, [0.7] * 8 + [0.4] * 2, [1.0] * 9 + [20.0]), epoch(2, [0.9] * 10, [2.0] * 10)]
+    (run / "train_history.json").write_text(json.dumps(history))
+    text = train_curves.main([str(run), "--plot", str(tmp_path / "curves.png")])
+    # step 10 of 20: norm 20 against the median 2.0 (nine 1.0s, ten 2.0s, one 20); before: seven 0.7s, one 0.4
+    assert "| im-seed1 | 10 of 20 | 20.00 (10.0x median) | 0.400 | 0.662 → 0.900 | 0.1 | – |" in text
+    assert "| im-seed1 | 1 | 0.640 | 1.00 | 20.00 | 25% | 50.0% / 0.3 | – |" in text
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    del history[1]["steps"]
+    (run / "train_history.json").write_text(json.dumps(history))
+    with pytest.raises(ValueError, match="has no per-step figures"):
+        train_curves.main([str(run)])
