@@ -799,9 +799,10 @@ def train(config: TrainConfig) -> Path:
             history[-1]["warm_start"] = store.stats()
         for what, record in (("implicit", solves), ("adjoint (backward)", adjoint_solves)):
             if record is not None and record["example_converged"] < record["example_solves"]:
+                tol = "" if record["tol"] is None else f" to tol {record['tol']:.0e}"
                 accelerator.print(
                     f"epoch {epoch + 1}: {record['example_converged']} of {record['example_solves']} "
-                    f"(example, layer) {what} solves converged to tol {record['tol']:.0e} "
+                    f"(example, layer) {what} solves converged{tol} "
                     f"({100 * record['example_converged_fraction']:.1f}%), worst relative residual "
                     f"{record['max_rel_residual']:.2e}; per-batch warnings are off while training, "
                     f"{HISTORY_FILE} keeps these figures"
