@@ -68,7 +68,7 @@ def spike_row(run_dir: Path) -> str:
     """The step of ``run_dir`` with the largest gradient norm: its norm, loss and worst residuals, and the
     mean loss of the ``AFTER`` steps before and after it."""
     _, steps = load_steps(run_dir)
-    norms = steps["grad_norm"]
+    norms = steps.get("grad_norm", [])  # absent where the accelerator returned no norm (DeepSpeed)
     known = [i for i, n in enumerate(norms) if n is not None]
     if not known:
         raise ValueError(f"{run_dir}: no gradient norm recorded")
@@ -97,7 +97,8 @@ def plot(run_dirs: Sequence[Path], out: Path) -> None:
     for run_dir in run_dirs:
         _, steps = load_steps(run_dir)
         loss_ax.plot(range(1, len(steps["loss"]) + 1), steps["loss"], label=run_dir.name)
-        norm_ax.plot(range(1, len(steps["grad_norm"]) + 1), steps["grad_norm"], label=run_dir.name)
+        norms = steps.get("grad_norm", [])
+        norm_ax.plot(range(1, len(norms) + 1), norms, label=run_dir.name)
     loss_ax.set_ylabel("training loss")
     norm_ax.set_ylabel("gradient norm before clipping")
     norm_ax.set_yscale("log")
