@@ -20,7 +20,7 @@ from typing import Any
 
 from ode_bert.train import HISTORY_FILE
 
-AFTER = 8  # steps after the spike whose mean loss is shown
+AFTER = 8  # steps before and after the spike whose mean loss is shown
 
 
 def load_steps(run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, list[Any]]]:
@@ -49,14 +49,13 @@ def _solves(record: dict[str, Any] | None) -> str:
     return f"{100 * record['example_converged_fraction']:.1f}% / {record['max_rel_residual']:.2g}"
 
 
-def epoch_rows(run_dir: Path) -> list[str]:
-    """One markdown row per epoch of ``run_dir``."""
-    epochs, _ = load_steps(run_dir)
+def epoch_rows(name: str, epochs: list[dict[str, Any]]) -> list[str]:
+    """One markdown row per epoch of the run ``name``."""
     rows = []
     for epoch in epochs:
         norm = epoch["grad_norm"] or {}
         rows.append(
-            f"| {run_dir.name} | {epoch['epoch']} | {epoch['mean_loss']:.3f} | "
+            f"| {name} | {epoch['epoch']} | {epoch['mean_loss']:.3f} | "
             f"{_fmt(norm.get('median'), '.2f')} | {_fmt(norm.get('max'), '.2f')} | "
             f"{_fmt(norm.get('clipped_fraction'), '.0%')} | "
             f"{_solves(epoch['solver'])} | {_solves(epoch.get('adjoint'))} |"
@@ -64,14 +63,13 @@ def epoch_rows(run_dir: Path) -> list[str]:
     return rows
 
 
-def spike_row(run_dir: Path) -> str:
-    """The step of ``run_dir`` with the largest gradient norm: its norm, loss and worst residuals, and the
-    mean loss of the ``AFTER`` steps before and after it."""
-    _, steps = load_steps(run_dir)
+def spike_row(name: str, steps: dict[str, list[Any]]) -> str:
+    """The step of the run ``name`` with the largest gradient norm: its norm, loss and worst residuals, and
+    the mean loss of the ``AFTER`` steps before and after it."""
     norms = steps.get("grad_norm", [])  # absent where the accelerator returned no norm (DeepSpeed)
     known = [i for i, n in enumerate(norms) if n is not None]
     if not known:
-        raise ValueError(f"{run_dir}: no gradient norm recorded")
+        raise ValueError(f"{name}: no gradient norm recorded")
     at = max(known, key=lambda i: norms[i])
     losses = steps["loss"]
     before = statistics.fmean(losses[max(0, at - AFTER) : at]) if at else None
@@ -80,13 +78,13 @@ def spike_row(run_dir: Path) -> str:
     adjoint = steps.get("adjoint_max_rel_residual", [None] * len(norms))[at]
     median = statistics.median(norms[i] for i in known)
     return (
-        f"| {run_dir.name} | {at + 1} of {len(norms)} | {norms[at]:.2f} ({norms[at] / median:.1f}x median) | "
+        f"| {name} | {at + 1} of {len(norms)} | {norms[at]:.2f} ({norms[at] / median:.1f}x median) | "
         f"{losses[at]:.3f} | {_fmt(before, '.3f')} → {_fmt(after, '.3f')} | {_fmt(residual, '.2g')} | "
         f"{_fmt(adjoint, '.2g')} |"
     )
 
 
-def plot(run_dirs: Sequence[Path], out: Path) -> None:
+def plot(runs: Sequence[tuple[str, dict[str, list[Any]]]], out: Path) -> None:
     """Loss and gradient norm (log scale) per step, one line per run."""
     import matplotlib
 
@@ -94,11 +92,10 @@ def plot(run_dirs: Sequence[Path], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (loss_ax, norm_ax) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-    for run_dir in run_dirs:
-        _, steps = load_steps(run_dir)
-        loss_ax.plot(range(1, len(steps["loss"]) + 1), steps["loss"], label=run_dir.name)
+    for name, steps in runs:
+        loss_ax.plot(range(1, len(steps["loss"]) + 1), steps["loss"], label=name)
         norms = steps.get("grad_norm", [])
-        norm_ax.plot(range(1, len(norms) + 1), norms, label=run_dir.name)
+        norm_ax.plot(range(1, len(norms) + 1), norms, label=name)
     loss_ax.set_ylabel("training loss")
     norm_ax.set_ylabel("gradient norm before clipping")
     norm_ax.set_yscale("log")
@@ -115,23 +112,22 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("runs", nargs="+", type=Path, help="training run folders")
     parser.add_argument("--plot", type=Path, help="also draw loss and gradient norm per step into this PNG")
     args = parser.parse_args(argv)
-    for run_dir in args.runs:  # every run checked before anything is printed or drawn
-        load_steps(run_dir)
+    runs = [(run_dir.name, *load_steps(run_dir)) for run_dir in args.runs]  # all read before any output
     lines = [
         "| run | epoch | mean loss | grad norm median | largest | steps clipped "
         "| implicit solves converged / worst residual | adjoint solves converged / worst residual |",
         "|---|---|---|---|---|---|---|---|",
-        *(row for run_dir in args.runs for row in epoch_rows(run_dir)),
+        *(row for name, epochs, _ in runs for row in epoch_rows(name, epochs)),
         "",
         f"| run | largest gradient norm at step | norm | loss there | mean loss, {AFTER} steps before → "
         "after | worst implicit residual there | worst adjoint residual there |",
         "|---|---|---|---|---|---|---|",
-        *(spike_row(run_dir) for run_dir in args.runs),
+        *(spike_row(name, steps) for name, _, steps in runs),
     ]
     text = "\n".join(lines)
     print(text)
     if args.plot:
-        plot(args.runs, args.plot)
+        plot([(name, steps) for name, _, steps in runs], args.plot)
         print(f"wrote {args.plot}")
     return text
 
