@@ -261,3 +261,5 @@ def test_train_curves_finds_the_spike_and_the_loss_around_it(tmp_path: Path) -> 
     (run / "train_history.json").write_text(json.dumps(history))
     with pytest.raises(ValueError, match="has no per-step figures"):
         train_curves.main([str(run)])
+    with pytest.raises(ValueError, match="no train_history.json"):
+        train_curves.main([str(tmp_path)])
