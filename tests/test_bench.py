@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -28,10 +29,13 @@ from bench import (
     paired_records,
     report,
     rng_trace,
+    separation,
     stiff,
     train_curves,
     training_overhead,
 )
+
+DATA_DIR = Path(os.environ.get("ODE_BERT_DATA_DIR") or Path(__file__).resolve().parents[1] / "../shared/data")
 
 
 @pytest.fixture(autouse=True)
@@ -263,3 +267,96 @@ def test_train_curves_finds_the_spike_and_the_loss_around_it(tmp_path: Path) -> 
         train_curves.main([str(run)])
     with pytest.raises(ValueError, match="no train_history.json"):
         train_curves.main([str(tmp_path)])
+
+
+def test_separation_figures_against_brute_force() -> None:
+    """AUC against counting every (label-1, label-0) pair, ties one half, and against scipy's Mann-Whitney;
+    the best threshold against trying every cut; the mean pairwise cosine against a double loop."""
+    from scipy.stats import mannwhitneyu
+
+    rng = np.random.default_rng(0)
+    margins = np.round(rng.normal(size=40), 1)  # rounded: ties
+    labels = (margins + rng.normal(size=40) > 0).astype(int)
+    pos, neg = margins[labels == 1], margins[labels == 0]
+    pairs = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
+    assert separation.auc(margins, labels) == pytest.approx(pairs)
+    statistic = mannwhitneyu(pos, neg).statistic
+    assert separation.auc(margins, labels) == pytest.approx(statistic / (len(pos) * len(neg)))
+    cuts = [-np.inf, *margins]
+    best = max(((margins > c) == labels).mean() for c in cuts)
+    assert separation.best_threshold_accuracy(margins, labels) == best
+    states = torch.tensor(rng.normal(size=(7, 5)))
+    unit = [s / s.norm() for s in states]
+    loop = [float(unit[i] @ unit[j]) for i in range(7) for j in range(7) if i != j]
+    assert separation.mean_pairwise_cosine(states) == pytest.approx(sum(loop) / len(loop))
+    with pytest.raises(ValueError, match="both labels"):
+        separation.auc(margins, np.ones(40, dtype=int))
+
+
+@pytest.mark.skipif(not DATA_DIR.is_dir(), reason="shared data directory not present")
+def test_separation_of_a_run_agrees_with_evaluate(tiny_model: Path, tmp_path: Path) -> None:
+    """On a run folder of an EX model (ODE layers, untrained, margins centred): the probe's accuracy is the
+    one ``evaluate`` scores on the same dev subset, and its first-token similarity has one entry per hidden
+    state (embeddings and each layer)."""
+    import transformers
+
+    import ode_bert
+    from ode_bert.data import load_clean_dev
+    from ode_bert.evaluate import evaluate
+    from ode_bert.io import write_json_atomic
+    from ode_bert.train import TrainConfig, apply_variant
+
+    run = tmp_path / "ex-seed1"
+    config = TrainConfig(task="sst2", model=str(tiny_model), variant="ex", max_length=32, train_samples=16,
+                         data_dir=str(DATA_DIR), output_dir=str(run))
+    torch.manual_seed(1)
+    classifier = transformers.BertForSequenceClassification.from_pretrained(tiny_model, num_labels=2)
+    model = apply_variant(classifier, config)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_model)
+    texts = [ex.text_a for ex in load_clean_dev("sst2", DATA_DIR)["sst2"][:64]]
+    with torch.no_grad():  # centre the margins, so that predictions split between the labels
+        encoded = tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
+        logits = model(**encoded).logits
+        model.classifier.bias[1] -= (logits[:, 1] - logits[:, 0]).median()
+    ode_bert.save_pretrained(model, run / "model", tokenizer)
+    write_json_atomic(run / "train_config.json", config.to_json())
+    text = separation.main([str(run), "--limit", "40", "--batch-size", "16", "--out", str(tmp_path / "s.md")])
+    row = separation.probe_run(run, None, 40, 16)
+    scored = evaluate(run, dev_samples=40)["clean"]["overall"]
+    assert row["n"] == 40 and row["accuracy"] == pytest.approx(scored) and row["one_label_share"] < 0.9
+    assert len(row["first_token_cosine"]) == 3 and all(-1 <= c <= 1 for c in row["first_token_cosine"])
+    assert f"| ex-seed1 | 40 | {100 * scored:.2f} |" in text and (tmp_path / "s.md").read_text() == text
+
+
+def test_last_layer_output_recovered_from_the_two_states(tiny_model: Path) -> None:
+    """The last layer's output recovered from the hidden states of a stock, an explicit (euler) and an
+    implicit (implicit_euler, solved tightly) model, in both framings where one-stage, equals the stock layer
+    applied where the step evaluates it (the layer's input for euler, its output for implicit_euler)."""
+    import transformers
+
+    import ode_bert
+    from ode_bert.settings import ODESettings
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_model)
+    inputs = tokenizer(["a gripping, funny film"], return_tensors="pt")  # one sentence: no padding mask
+    stock = transformers.BertModel.from_pretrained(tiny_model).eval()
+    last = stock.encoder.layer[-1]
+    exact = {"tol": 1e-7, "max_iter": 200}
+    cases = [(None, "before"),
+             (ODESettings(solver="euler", step=0.5, field="residual"), "before"),
+             (ODESettings(solver="euler", step=0.5, field="layer"), "before"),
+             (ODESettings(solver="implicit_euler", step=0.5, field="residual", **exact), "after"),
+             (ODESettings(solver="implicit_euler", step=0.5, field="layer", **exact), "after")]
+    for settings, evaluated_at in cases:
+        model = transformers.BertModel.from_pretrained(tiny_model).eval()
+        if settings is not None:
+            ode_bert.convert(model, settings)
+        with torch.no_grad():
+            states = model(**inputs, output_hidden_states=True).hidden_states
+            recovered = separation.last_layer_output(states[-2], states[-1], settings, len(states) - 1)
+            expected = last(states[-1] if evaluated_at == "after" else states[-2])
+        assert torch.allclose(recovered, expected, atol=1e-5), settings
+    rk4 = ODESettings(solver="rk4", step=0.5)
+    assert separation.last_layer_output(states[-2], states[-1], rk4, len(states) - 1) is None
+    first_only = ODESettings(solver="euler", layers="0")  # the last layer stock
+    assert separation.last_layer_output(states[-2], states[-1], first_only, 2) is states[-1]
