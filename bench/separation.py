@@ -21,6 +21,8 @@ margin? Per run, on the clean dev set in evaluation mode (binary tasks):
 from __future__ import annotations
 
 import argparse
+import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,9 +32,10 @@ import torch
 from scipy.stats import rankdata
 from torch.utils.data import DataLoader
 
-from ode_bert.data import load_clean_dev, stratified_subset
+from ode_bert.data import get_task, load_clean_dev, stratified_subset
 from ode_bert.encoding import Collator, EncodedDataset
-from ode_bert.evaluate import DEV_SUBSET_SEED, _load_run_model
+from ode_bert.evaluate import DEV_SUBSET_SEED, load_run_model
+from ode_bert.io import atomic_open
 from ode_bert.layers import parse_layers
 from ode_bert.settings import ODESettings
 from ode_bert.train import MODEL_DIR, read_train_config, stored_conversion
@@ -83,6 +86,15 @@ def mean_pairwise_cosine(states: torch.Tensor) -> float:
     return float((total @ total - n) / (n * (n - 1)))  # sum over i != j of <u_i, u_j>
 
 
+def check_run(run_dir: Path) -> None:
+    """A clear error, before any work, for a folder that is not a finished run of a binary task."""
+    if not (run_dir / MODEL_DIR / "config.json").is_file():
+        raise ValueError(f"{run_dir} is not a finished training run (no {MODEL_DIR}/config.json)")
+    task = get_task(read_train_config(run_dir)["task"])
+    if task.num_labels != 2:
+        raise ValueError(f"{run_dir}: task {task.name} has {task.num_labels} labels; the margin needs two")
+
+
 def probe_run(run_dir: Path, data_dir: str | None, limit: int | None, batch_size: int) -> dict[str, Any]:
     """The figures of the module docstring for one finished run, on its clean dev split (a fixed stratified
     subset of ``limit`` examples if given, the one ``evaluate --dev-samples`` scores)."""
@@ -95,20 +107,19 @@ def probe_run(run_dir: Path, data_dir: str | None, limit: int | None, batch_size
     if limit is not None:
         examples = stratified_subset(examples, min(limit, len(examples)), DEV_SUBSET_SEED)
     labels = np.array([ex.label for ex in examples])
-    if set(labels.tolist()) - {0, 1}:
-        raise ValueError(f"{run_dir}: task {config['task']} is not binary; the margin needs two labels")
-    model, tokenizer = _load_run_model(run_dir / MODEL_DIR)
-    model.eval()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_run_model(run_dir / MODEL_DIR)
+    model.to(device).eval()
     loader = DataLoader(EncodedDataset(examples, tokenizer, config["max_length"]), batch_size=batch_size,
                         collate_fn=Collator(tokenizer))  # fmt: skip
     margins, first_tokens = [], []
     with torch.no_grad():
         for batch in loader:
             batch.pop("labels", None)
-            out = model(**batch, output_hidden_states=True)
-            margins.append(out.logits[:, 1] - out.logits[:, 0])
+            out = model(**{k: v.to(device) for k, v in batch.items()}, output_hidden_states=True)
+            margins.append((out.logits[:, 1] - out.logits[:, 0]).float().cpu())
             # the first token of every hidden state: (layers + 1, batch, width)
-            first_tokens.append(torch.stack([h[:, 0] for h in out.hidden_states]))
+            first_tokens.append(torch.stack([h[:, 0] for h in out.hidden_states]).float().cpu())
     margin = torch.cat(margins).numpy()
     states = torch.cat(first_tokens, dim=1)
     stored = stored_conversion(run_dir)
@@ -160,10 +171,18 @@ def main(argv: Sequence[str] | None = None) -> str:
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 2:
         parser.error(f"--limit must be at least 2, got {args.limit}")
-    rows = [probe_run(run, args.data_dir, args.limit, args.batch_size) for run in args.runs]
+    for run in args.runs:
+        check_run(run)
+    rows = []
+    for i, run in enumerate(args.runs, 1):
+        start = time.perf_counter()
+        rows.append(probe_run(run, args.data_dir, args.limit, args.batch_size))
+        seconds = time.perf_counter() - start
+        print(f"[{i}/{len(args.runs)}] {run}: {seconds:.0f} s", file=sys.stderr, flush=True)
     text = markdown(rows)
     if args.out is not None:
-        args.out.write_text(text)
+        with atomic_open(args.out) as f:
+            f.write(text)
     print(text, end="")
     return text
 

@@ -252,7 +252,7 @@ def evaluate(
     trained_on, heldout = split_training_data(TrainConfig(**{**config, "data_dir": data_dir}))
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = _load_run_model(run_dir / MODEL_DIR)
+    model, tokenizer = load_run_model(run_dir / MODEL_DIR)
     if settings is not None:
         convert(model, settings)
     model = model.to(device)
@@ -301,7 +301,7 @@ def evaluate(
     return metrics
 
 
-def _load_run_model(model_dir: Path) -> tuple[torch.nn.Module, Any]:
+def load_run_model(model_dir: Path) -> tuple[torch.nn.Module, Any]:
     """The trained model and tokenizer of a run, from safetensors only (no pickle, so loading runs no code);
     a damaged file is a ``RunDirError`` naming it."""
     from safetensors import SafetensorError, safe_open

@@ -326,6 +326,11 @@ def test_separation_of_a_run_agrees_with_evaluate(tiny_model: Path, tmp_path: Pa
     assert row["n"] == 40 and row["accuracy"] == pytest.approx(scored) and row["one_label_share"] < 0.9
     assert len(row["first_token_cosine"]) == 3 and all(-1 <= c <= 1 for c in row["first_token_cosine"])
     assert f"| ex-seed1 | 40 | {100 * scored:.2f} |" in text and (tmp_path / "s.md").read_text() == text
+    with pytest.raises(ValueError, match="not a finished training run"):
+        separation.main([str(run), str(tmp_path)])  # refused before the first run is probed
+    write_json_atomic(run / "train_config.json", {**config.to_json(), "task": "mnli"})
+    with pytest.raises(ValueError, match="task mnli has 3 labels; the margin needs two"):
+        separation.main([str(run)])
 
 
 def test_last_layer_output_recovered_from_the_two_states(tiny_model: Path) -> None:

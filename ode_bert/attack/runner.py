@@ -34,7 +34,7 @@ from solvers import ConvergenceWarning
 
 from ..convert import convert
 from ..data import Example, get_task, load_clean_dev
-from ..evaluate import DEV_SUBSET_SEED, _load_run_model, evaluation_settings
+from ..evaluate import DEV_SUBSET_SEED, evaluation_settings, load_run_model
 from ..io import atomic_open, exclusive, write_json_atomic
 from ..settings import ODESettings
 from ..train import (
@@ -258,7 +258,7 @@ class _Target:
 
     def __init__(self, run_dir: Path, device: torch.device, settings: ODESettings | None = None) -> None:
         """``settings``: the solver settings to attack the model with (``None``: the trained ones)."""
-        self.model, self.tokenizer = _load_run_model(run_dir / MODEL_DIR)
+        self.model, self.tokenizer = load_run_model(run_dir / MODEL_DIR)
         self.solver_settings = None
         if settings is not None:
             convert(self.model, settings)
