@@ -34,8 +34,9 @@ from bench import (
     train_curves,
     training_overhead,
 )
+from ode_bert.data import DATA_DIR_ENV
 
-DATA_DIR = Path(os.environ.get("ODE_BERT_DATA_DIR") or Path(__file__).resolve().parents[1] / "../shared/data")
+DATA_DIR = Path(os.environ.get(DATA_DIR_ENV) or Path(__file__).resolve().parents[1] / "../shared/data")
 
 
 @pytest.fixture(autouse=True)
