@@ -32,13 +32,14 @@ import torch
 from scipy.stats import rankdata
 from torch.utils.data import DataLoader
 
+from ode_bert.convert import ode_config
 from ode_bert.data import get_task, load_clean_dev, stratified_subset
 from ode_bert.encoding import Collator, EncodedDataset
 from ode_bert.evaluate import DEV_SUBSET_SEED, load_run_model
 from ode_bert.io import atomic_open
 from ode_bert.layers import parse_layers
 from ode_bert.settings import ODESettings
-from ode_bert.train import MODEL_DIR, read_train_config, stored_conversion
+from ode_bert.train import MODEL_DIR, read_train_config
 
 RECOVERABLE = {"euler", "implicit_euler"}  # one-stage steps, whose layer output the two states determine
 
@@ -96,14 +97,12 @@ def check_run(run_dir: Path) -> None:
 
 
 def probe_run(run_dir: Path, data_dir: str | None, limit: int | None, batch_size: int) -> dict[str, Any]:
-    """The figures of the module docstring for one finished run, on its clean dev split (a fixed stratified
-    subset of ``limit`` examples if given, the one ``evaluate --dev-samples`` scores)."""
+    """The figures of the module docstring for one finished run (checked by ``check_run``), on its clean dev
+    split (a fixed stratified subset of ``limit`` examples if given, the one ``evaluate --dev-samples``
+    scores)."""
     config = read_train_config(run_dir)
     splits = load_clean_dev(config["task"], data_dir if data_dir is not None else config.get("data_dir"))
-    if len(splits) != 1:
-        raise ValueError(f"{run_dir}: task {config['task']} has {len(splits)} dev splits; this probe takes "
-                         "one")
-    (examples,) = splits.values()
+    (examples,) = splits.values()  # binary tasks have one dev split (MNLI's two are of a 3-label task)
     if limit is not None:
         examples = stratified_subset(examples, min(limit, len(examples)), DEV_SUBSET_SEED)
     labels = np.array([ex.label for ex in examples])
@@ -122,9 +121,8 @@ def probe_run(run_dir: Path, data_dir: str | None, limit: int | None, batch_size
             first_tokens.append(torch.stack([h[:, 0] for h in out.hidden_states]).float().cpu())
     margin = torch.cat(margins).numpy()
     states = torch.cat(first_tokens, dim=1)
-    stored = stored_conversion(run_dir)
-    source = str(run_dir / MODEL_DIR / "config.json")
-    settings = None if stored is None else ODESettings.from_dict(stored, source)
+    stored = ode_config(model)  # the conversion the model was loaded with
+    settings = None if stored is None else ODESettings.from_dict(stored)
     output = last_layer_output(states[-2], states[-1], settings, len(states) - 1)
     predicted = (margin > 0).astype(int)
     return {
