@@ -169,6 +169,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 2:
         parser.error(f"--limit must be at least 2, got {args.limit}")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
     for run in args.runs:
         check_run(run)
     rows = []

@@ -329,6 +329,8 @@ def test_separation_of_a_run_agrees_with_evaluate(tiny_model: Path, tmp_path: Pa
     assert f"| ex-seed1 | 40 | {100 * scored:.2f} |" in text and (tmp_path / "s.md").read_text() == text
     with pytest.raises(ValueError, match="not a finished training run"):
         separation.main([str(run), str(tmp_path)])  # refused before the first run is probed
+    with pytest.raises(SystemExit):  # argparse's error, before any run is read
+        separation.main([str(run), "--batch-size", "0"])
     write_json_atomic(run / "train_config.json", {**config.to_json(), "task": "mnli"})
     with pytest.raises(ValueError, match="task mnli has 3 labels; the margin needs two"):
         separation.main([str(run)])
