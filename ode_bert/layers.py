@@ -156,35 +156,55 @@ def find_layers(model: nn.Module, path: str | None = None) -> LayerStack:
     return LayerStack(name, module, schedule)
 
 
-def parse_layers(spec: str | Sequence[int], num_layers: int | None) -> list[int]:
-    """Sorted layer indices from ``"all"``, ``"0-5"``, ``"0,2,4"``, ``"0-2,5"`` or a list of ints.
+_RANGE = re.compile(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?")  # "3" or "0-4", both ends included
+_SLICE = re.compile(r"\s*(-?\d+)?\s*:\s*(-?\d+)?\s*")  # Python's "start:stop", stop excluded
 
-    ``num_layers=None`` checks the specification's form only (no upper bound; ``"all"`` gives ``[]``):
-    what ``ODESettings`` can check before it meets a model.
+
+def parse_layers(spec: str | Sequence[int], num_layers: int | None) -> list[int]:
+    """Sorted layer indices from ``"all"``, ``"0-5"``, ``"0,2,4"``, ``"0-2,5"``, a slice or a list of ints.
+
+    A slice part reads as in Python (stop excluded, negative bounds count from the end), so one
+    specification fits models of any depth: ``":-1"`` is every layer but the last, ``"1:"`` every layer
+    but the first, ``"-3:"`` the last three. ``num_layers=None`` checks the specification's form only (no
+    upper bound; ``"all"`` and slices give no indices): what ``ODESettings`` can check before it meets a
+    model.
     """
+    forms = "e.g. 'all', '0-5', '0,2', ':-1' (all but the last), [0, 2]"
     if num_layers is None:
-        valid = "valid layer specifications are e.g. 'all', '0-5', '0,2', [0, 2]"
+        valid = f"valid layer specifications are {forms}"
     else:
-        last = num_layers - 1
-        valid = f"valid layer indices are 0..{last} (e.g. 'all', '0-{last}', '0,2', [0, 2])"
+        bounds = f"slice bounds -{num_layers}..{num_layers}"
+        valid = f"valid layer indices are 0..{num_layers - 1}, {bounds} ({forms})"
+    resolved = True  # False where a slice awaits the model's depth
     if isinstance(spec, str):
         if spec.strip() == "all":
             return list(range(num_layers or 0))
         indices: list[int] = []
         for part in spec.split(","):
-            match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
-            if match is None:
+            if (match := _RANGE.fullmatch(part)) is not None:
+                start = int(match.group(1))
+                stop = int(match.group(2)) if match.group(2) is not None else start
+                if stop < start:
+                    raise ValueError(f"bad layer range {part.strip()!r} in {spec!r} (start > end); {valid}")
+                indices.extend(range(start, stop + 1))
+            elif (match := _SLICE.fullmatch(part)) is not None:
+                if num_layers is None:
+                    resolved = False
+                    continue
+                start, stop = (None if b is None else int(b) for b in match.groups())
+                if any(b is not None and not -num_layers <= b <= num_layers for b in (start, stop)):
+                    raise ValueError(f"slice bound out of range in {part.strip()!r} of {spec!r}; {valid}")
+                selected = list(range(num_layers)[start:stop])
+                if not selected:
+                    raise ValueError(f"slice {part.strip()!r} in {spec!r} selects no layers; {valid}")
+                indices.extend(selected)
+            else:
                 raise ValueError(f"bad layer specification {spec!r}: cannot read {part!r}; {valid}")
-            start = int(match.group(1))
-            stop = int(match.group(2)) if match.group(2) is not None else start
-            if stop < start:
-                raise ValueError(f"bad layer range {part.strip()!r} in {spec!r} (start > end); {valid}")
-            indices.extend(range(start, stop + 1))
     elif isinstance(spec, Sequence) and all(isinstance(i, int) and not isinstance(i, bool) for i in spec):
         indices = list(spec)
     else:
         raise ValueError(f"layers must be a string or a sequence of ints, got {spec!r}; {valid}")
-    if not indices:
+    if not indices and resolved:
         raise ValueError(f"no layers selected by {spec!r}; {valid}")
     bad = [i for i in indices if i < 0 or (num_layers is not None and i >= num_layers)]
     if bad:

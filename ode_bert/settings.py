@@ -155,8 +155,8 @@ class ODESettings:
     """How ``convert`` turns encoder layers into ODE solver steps; checked when made (``ValueError`` or
     ``TypeError`` naming the setting and the valid choices, with a suggestion for a misspelt name).
 
-    ``solver``: a step method of ``solvers.available()``. ``layers``: ``"all"``, ``"0-5"``, ``"0,2,4"`` or
-    a sequence of indices (a tuple once made). ``step``: the step size of every converted layer.
+    ``solver``: a step method of ``solvers.available()``. ``layers``: ``"all"``, ``"0-5"``, ``"0,2,4"``, a
+    slice such as ``":-1"`` (all but the last) or a sequence of indices (a tuple once made). ``step``: the step size of every converted layer.
     ``field``: ``"residual"`` (``f = Layer(h) - h``; ``euler`` with step 1 is the stock model) or
     ``"layer"`` (``f = Layer(h)``, the IM-BERT drawing). ``root``, ``grad``, ``tol``, ``max_iter``: the
     implicit solve (implicit solvers only; ``None`` = the solver's default). ``eval_tol``: the tolerance of
@@ -172,7 +172,9 @@ class ODESettings:
     """
 
     solver: str = _setting("implicit_euler", "step method", choices=SOLVER_NAMES)
-    layers: str | tuple[int, ...] = _setting("all", "layers to convert: 'all', '0-5', '0,2,4'")
+    layers: str | tuple[int, ...] = _setting(
+        "all", "layers to convert: 'all', '0-5', '0,2,4', ':-1' (a Python slice: all but the last)"
+    )
     step: float = _setting(1.0, "step size h of every converted layer", type=float)
     field: str = _setting("residual", "vector field: Layer(h) - h (residual) or Layer(h) (layer)",
                           choices=FRAMINGS)  # fmt: skip

@@ -125,9 +125,38 @@ def test_parse_layers() -> None:
     assert parse_layers("0,2,4", 6) == [0, 2, 4]
     assert parse_layers("0-2,5", 6) == [0, 1, 2, 5]
     assert parse_layers([3, 1], 6) == [1, 3]
-    for bad in ("-1", [-1], "6", [6], "0,0", [2, 2], "", [], "3-1", "a", "0-", [1.0], [True]):
+    for bad in ("-1", [-1], "6", [6], "0,0", [2, 2], "", [], "3-1", "a", "0-", [1.0], [True],
+                ":-7", "0:7", "3:3", "5:2", "::2", "0-2,1:"):  # fmt: skip
         with pytest.raises(ValueError, match=r"valid layer indices are 0\.\.5"):
             parse_layers(bad, 6)
+
+
+def test_parse_layers_reads_slices_as_python_does() -> None:
+    for depth in (1, 6, 12):
+        for spec in (":-1", "1:", "-3:", ":", "0:2", "-2:-1", f":{depth}", f"-{depth}:"):
+            start, stop = (int(b) if b else None for b in spec.split(":"))
+            want = list(range(depth))[start:stop]
+            if want and all(b is None or -depth <= b <= depth for b in (start, stop)):
+                assert parse_layers(spec, depth) == want, (spec, depth)
+            else:
+                with pytest.raises(ValueError, match=rf"slice bounds -{depth}\.\.{depth}"):
+                    parse_layers(spec, depth)
+    assert parse_layers("0,3:", 6) == [0, 3, 4, 5]
+    assert parse_layers(":-1", None) == [] and parse_layers("0,3:", None) == [0]  # the form only
+    with pytest.raises(ValueError, match="valid layer specifications"):
+        parse_layers("1:2:3", None)
+
+
+def test_slice_layers_convert_the_same_blocks_as_indices() -> None:
+    inputs = batch()
+    with torch.no_grad():
+        by_slice = convert(tiny(), "euler", layers=":-1", step=0.5)
+        by_index = convert(tiny(), "euler", layers=[0, 1], step=0.5)
+        every = convert(tiny(), "euler", layers="all", step=0.5)
+        last = [m(**inputs, output_hidden_states=True).hidden_states[-1] for m in (by_slice, by_index, every)]
+    assert torch.equal(last[0], last[1]) and not close(last[0], last[2], 1e-2)
+    assert [s.layer for s in solver_stats(by_slice)] == [0, 1]
+    assert by_slice.config.ode_bert["layers"] == [0, 1]
 
 
 def test_bad_input_gives_clear_errors() -> None:

@@ -262,6 +262,10 @@ def test_cli_flags_are_generated_from_the_settings() -> None:
     assert TrainConfig(variant="ode", **options).settings() == ODESettings(
         solver="trapezoid", layers="0-1", grad="unroll", max_iter=3, eval_tol=0.1
     )
+    for flag in (["--layers", ":-1"], ["--layers=-2:"]):  # a slice; one that starts with "-" needs "="
+        args = parser.parse_args(["train", *flag])
+        options = {name: getattr(args, name) for name in _TRAINING_FIELDS}
+        assert TrainConfig(variant="im", **options).settings().layers == flag[-1].removeprefix("--layers=")
     args = parser.parse_args(["train", "--solver-options", '{"adjoint_tol": 0.1, "compact_rows": true}'])
     options = {name: getattr(args, name) for name in _TRAINING_FIELDS}
     assert TrainConfig(variant="im", **options).settings() == ODESettings.preset(
