@@ -156,16 +156,15 @@ class ODESettings:
     ``TypeError`` naming the setting and the valid choices, with a suggestion for a misspelt name).
 
     ``solver``: a step method of ``solvers.available()``. ``layers``: ``"all"``, ``"0-5"``, ``"0,2,4"``, a
-    slice such as ``":-1"`` (all but the last) or a sequence of indices (a tuple once made). ``step``: the step size of every converted layer.
-    ``field``: ``"residual"`` (``f = Layer(h) - h``; ``euler`` with step 1 is the stock model) or
-    ``"layer"`` (``f = Layer(h)``, the IM-BERT drawing). ``root``, ``grad``, ``tol``, ``max_iter``: the
-    implicit solve (implicit solvers only; ``None`` = the solver's default). ``eval_tol``: the tolerance of
-    that solve in evaluation, when the layers are not in training mode (``None``: ``tol``); training needs a
-    tighter solve than evaluation (RESULTS.md, issue 18), and evaluation is most of a deployed model's cost.
-    ``solver_options``: the
-    method's other options, JSON-serialisable (e.g. ``rtol``/``atol`` of adaptive solvers, ``on_failure``
-    and ``root_options`` of implicit ones); an adaptive solver's unset ``rtol``/``atol`` are filled in from
-    ``ADAPTIVE_DEFAULTS``.
+    slice such as ``":-1"`` (all but the last) or a sequence of indices (a tuple once made). ``step``: the
+    step size of every converted layer. ``field``: ``"residual"`` (``f = Layer(h) - h``; ``euler`` with step 1
+    is the stock model) or ``"layer"`` (``f = Layer(h)``, the IM-BERT drawing). ``root``, ``grad``, ``tol``,
+    ``max_iter``: the implicit solve (implicit solvers only; ``None`` = the solver's default). ``eval_tol``:
+    the tolerance of that solve in evaluation, when the layers are not in training mode (``None``: ``tol``);
+    training needs a tighter solve than evaluation (RESULTS.md, issue 18), and evaluation is most of a
+    deployed model's cost. ``solver_options``: the method's other options, JSON-serialisable (e.g.
+    ``rtol``/``atol`` of adaptive solvers, ``on_failure`` and ``root_options`` of implicit ones); an adaptive
+    solver's unset ``rtol``/``atol`` are filled in from ``ADAPTIVE_DEFAULTS``.
 
     Frozen: change a copy with ``dataclasses.replace(settings, step=0.25)`` (checked again). ``to_dict``
     is the stored form (``model.config.ode_bert``), ``from_dict`` reads it back.
