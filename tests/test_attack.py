@@ -313,6 +313,20 @@ def test_twin_saved_before_a_later_setting_is_still_found(tmp_path: Path) -> Non
     assert find_twin(runs["im-seed1"]) == runs["ex-seed1"]
 
 
+def test_twin_with_the_same_layers_written_otherwise_is_found(tmp_path: Path) -> None:
+    """On a six-layer model ``":-1"`` and ``"0-4"`` are the same layers, ``"0-3"`` are not."""
+    runs = {}
+    for name, variant, layers in (("im-a", "im", ":-1"), ("ex-a", "ex", "0-4"), ("ex-b", "ex", "0-3")):
+        runs[name] = tmp_path / name
+        (runs[name] / "model").mkdir(parents=True)
+        (runs[name] / "model" / "config.json").write_text('{"num_hidden_layers": 6}')
+        saved = TrainConfig(task="sst2", variant=variant, layers=layers, output_dir=str(runs[name])).to_json()
+        write_json_atomic(runs[name] / "train_config.json", saved)
+    assert find_twin(runs["im-a"]) == runs["ex-a"]
+    (runs["ex-a"] / "train_config.json").unlink()
+    assert find_twin(runs["im-a"]) is None
+
+
 def _copy_run(source: Path, target: Path) -> None:
     import shutil
 

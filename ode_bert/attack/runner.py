@@ -36,6 +36,7 @@ from ..convert import convert
 from ..data import Example, get_task, load_clean_dev
 from ..evaluate import DEV_SUBSET_SEED, evaluation_settings, load_run_model
 from ..io import atomic_open, exclusive, write_json_atomic
+from ..layers import parse_layers
 from ..settings import ODESettings
 from ..train import (
     CONFIG_FILE,
@@ -195,6 +196,19 @@ def attack_dir(run_dir: str | Path, task: str, config: AttackConfig) -> Path:
     return attack_folder(run_dir, resolve_split(task, config.split), config.recipe, config.solver_changes)
 
 
+def _same_layers(a: str | Sequence[int], b: str | Sequence[int], model_dir: Path) -> bool:
+    """Whether two layer specifications select the same layers of the saved model (``"all"``, ``"0-5"`` and
+    ``":"`` do on six layers); compared as written where the model's depth cannot be read."""
+    try:
+        depth = int(json.loads((model_dir / "config.json").read_text())["num_hidden_layers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return a == b
+    try:
+        return parse_layers(a, depth) == parse_layers(b, depth)
+    except ValueError:  # a specification that does not fit this model selects no layers of it
+        return False
+
+
 def find_twin(run_dir: str | Path) -> Path | None:
     """The EX control of an IM run: the finished run beside it with variant ``ex``, the same layers, step
     and field, and every other training setting equal (seed, data, epochs, ...); ``None`` if there is none.
@@ -220,10 +234,10 @@ def find_twin(run_dir: str | Path) -> Path | None:
         ):
             continue
         twin = TrainConfig(**other).settings()
-        if twin is not None and (twin.layers, twin.step, twin.field) == (
-            settings.layers,
-            settings.step,
-            settings.field,
+        if (
+            twin is not None
+            and (twin.step, twin.field) == (settings.step, settings.field)
+            and _same_layers(twin.layers, settings.layers, run_dir / MODEL_DIR)
         ):
             found.append(sibling)
     if len(found) > 1:
