@@ -314,14 +314,16 @@ def test_twin_saved_before_a_later_setting_is_still_found(tmp_path: Path) -> Non
 
 
 def test_twin_with_the_same_layers_written_otherwise_is_found(tmp_path: Path) -> None:
-    """On a six-layer model ``":-1"`` and ``"0-4"`` are the same layers, ``"0-3"`` are not."""
+    """On a six-layer model ``":-1"`` and ``"0-4"`` are the same layers, ``"0-3"`` are not: the saved models
+    store the indices they converted."""
     runs = {}
     for name, variant, layers in (("im-a", "im", ":-1"), ("ex-a", "ex", "0-4"), ("ex-b", "ex", "0-3")):
         runs[name] = tmp_path / name
         (runs[name] / "model").mkdir(parents=True)
-        (runs[name] / "model" / "config.json").write_text('{"num_hidden_layers": 6}')
-        saved = TrainConfig(task="sst2", variant=variant, layers=layers, output_dir=str(runs[name])).to_json()
-        write_json_atomic(runs[name] / "train_config.json", saved)
+        config = TrainConfig(task="sst2", variant=variant, layers=layers, output_dir=str(runs[name]))
+        stored = {**config.settings().to_dict(), "layers": ode_bert.parse_layers(layers, 6)}  # as convert
+        write_json_atomic(runs[name] / "model" / "config.json", {"num_hidden_layers": 6, "ode_bert": stored})
+        write_json_atomic(runs[name] / "train_config.json", config.to_json())
     assert find_twin(runs["im-a"]) == runs["ex-a"]
     (runs["ex-a"] / "train_config.json").unlink()
     assert find_twin(runs["im-a"]) is None

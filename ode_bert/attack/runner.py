@@ -36,7 +36,6 @@ from ..convert import convert
 from ..data import Example, get_task, load_clean_dev
 from ..evaluate import DEV_SUBSET_SEED, evaluation_settings, load_run_model
 from ..io import atomic_open, exclusive, write_json_atomic
-from ..layers import parse_layers
 from ..settings import ODESettings
 from ..train import (
     CONFIG_FILE,
@@ -46,6 +45,7 @@ from ..train import (
     SolveTally,
     TrainConfig,
     read_train_config,
+    stored_conversion,
 )
 from . import RECIPES
 from .embedding import (
@@ -196,17 +196,14 @@ def attack_dir(run_dir: str | Path, task: str, config: AttackConfig) -> Path:
     return attack_folder(run_dir, resolve_split(task, config.split), config.recipe, config.solver_changes)
 
 
-def _same_layers(a: str | Sequence[int], b: str | Sequence[int], model_dir: Path) -> bool:
-    """Whether two layer specifications select the same layers of the saved model (``"all"``, ``"0-5"`` and
-    ``":"`` do on six layers); compared as written where the model's depth cannot be read."""
-    try:
-        depth = int(json.loads((model_dir / "config.json").read_text())["num_hidden_layers"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return a == b
-    try:
-        return parse_layers(a, depth) == parse_layers(b, depth)
-    except ValueError:  # a specification that does not fit this model selects no layers of it
-        return False
+def _converted_layers(run_dir: Path, settings: ODESettings) -> str | tuple[int, ...]:
+    """The layers a run's saved model converted: the indices its ``model.config.ode_bert`` stores, however
+    the training settings wrote them (``":-1"`` and ``"0-4"`` are both (0, 1, 2, 3, 4) on six layers); the
+    settings' own form where the model stores no conversion."""
+    stored = stored_conversion(run_dir)
+    if stored is None:
+        return settings.layers
+    return ODESettings.from_dict(stored, str(run_dir / MODEL_DIR / "config.json")).layers
 
 
 def find_twin(run_dir: str | Path) -> Path | None:
@@ -237,7 +234,7 @@ def find_twin(run_dir: str | Path) -> Path | None:
         if (
             twin is not None
             and (twin.step, twin.field) == (settings.step, settings.field)
-            and _same_layers(twin.layers, settings.layers, run_dir / MODEL_DIR)
+            and _converted_layers(sibling, twin) == _converted_layers(run_dir, settings)
         ):
             found.append(sibling)
     if len(found) > 1:
