@@ -215,6 +215,7 @@ def find_twin(run_dir: str | Path) -> Path | None:
     settings = TrainConfig(**config).settings()
     if settings is None:
         return None
+    own_layers = _converted_layers(run_dir, settings)
     found = []
     for sibling in sorted(run_dir.parent.iterdir()):
         if sibling.resolve() == run_dir.resolve() or not (sibling / CONFIG_FILE).is_file():
@@ -234,7 +235,7 @@ def find_twin(run_dir: str | Path) -> Path | None:
         if (
             twin is not None
             and (twin.step, twin.field) == (settings.step, settings.field)
-            and _converted_layers(sibling, twin) == _converted_layers(run_dir, settings)
+            and _converted_layers(sibling, twin) == own_layers
         ):
             found.append(sibling)
     if len(found) > 1:
