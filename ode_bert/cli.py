@@ -280,8 +280,10 @@ def _attack_command(parser: argparse.ArgumentParser) -> Handler:
 
     parser.add_argument("run_dirs", metavar="RUN_DIR", nargs="+",
                         help="run folders written by 'ode-bert train' (several: a paired comparison follows)")
-    parser.add_argument("--recipe", required=True, choices=list(RECIPES),
-                        help="; ".join(f"{name}: {text}" for name, text in RECIPES.items()))
+    parser.add_argument("--recipe", required=True, nargs="+", choices=list(RECIPES),
+                        help="; ".join(f"{name}: {text}" for name, text in RECIPES.items())
+                        + ". Several: each in turn, and after several runs with two or more text recipes "
+                        "also the accuracy under every one of them (an example counts if no recipe flips it)")
     parser.add_argument("--radii", nargs="+", action=_CommaList, item_type=float, default=[0.01, 0.02, 0.05],
                         help="PGD radii relative to the embedding norm, increasing (default 0.01,0.02,0.05)")
     parser.add_argument("--split", default="dev", help="clean dev split: dev (the task's first) or its name")
@@ -316,16 +318,18 @@ def _attack_command(parser: argparse.ArgumentParser) -> Handler:
     _add_data_dir(parser)
 
     def run(args: argparse.Namespace) -> None:
-        from .attack.runner import AttackConfig, attack_run
-        from .experiments.report import format_attack_report
+        from .attack.runner import AttackConfig, attack_run, resolve_split
+        from .experiments.report import format_attack_report, format_worst_case_report
+        from .train import read_train_config
 
-        config = AttackConfig(
-            recipe=args.recipe, radii=args.radii, steps=args.steps, restarts=args.restarts,
+        configs = [AttackConfig(
+            recipe=recipe, radii=args.radii, steps=args.steps, restarts=args.restarts,
             bisect=args.bisect, split=args.split, limit=args.limit, batch_size=args.batch_size,
             seed=args.seed, transfer=args.transfer, unroll=not args.no_unroll, budget=args.budget,
             wordnet=args.wordnet, solver_changes=args.solver,
-        )  # fmt: skip
-        config.validate()
+        ) for recipe in dict.fromkeys(args.recipe)]  # fmt: skip
+        for config in configs:
+            config.validate()
         pairs = [tuple(p.split(":", 1)) for p in args.pairs]
         if any(len(p) != 2 for p in pairs):
             raise ValueError(f"--pairs: expected A:B, got {args.pairs}")
@@ -333,14 +337,21 @@ def _attack_command(parser: argparse.ArgumentParser) -> Handler:
                       or not (Path(d) / "train_config.json").is_file()]  # fmt: skip
         if unfinished:  # before any attack starts
             raise FileNotFoundError(f"not finished training runs (train_config.json, model/): {unfinished}")
-        for run_dir in [] if args.report_only else args.run_dirs:
-            summary = attack_run(run_dir, config, args.data_dir)
-            hidden = ("settings", "solver_this_call", "min_radius_note", "solver_settings")
-            shown = {k: v for k, v in summary.items() if k not in hidden}
-            print(f"{run_dir}: {json.dumps(shown)}")
-        if len(args.run_dirs) > 1 or args.report_only:
-            print(format_attack_report([Path(d) for d in args.run_dirs], config, pairs, args.baseline,
-                                       partial=args.report_only))
+        for config in [] if args.report_only else configs:
+            for run_dir in args.run_dirs:
+                summary = attack_run(run_dir, config, args.data_dir)
+                hidden = ("settings", "solver_this_call", "min_radius_note", "solver_settings")
+                shown = {k: v for k, v in summary.items() if k not in hidden}
+                print(f"{run_dir}: {json.dumps(shown)}")
+        run_dirs = [Path(d) for d in args.run_dirs]
+        if len(run_dirs) > 1 or args.report_only:
+            for config in configs:
+                print(format_attack_report(run_dirs, config, pairs, args.baseline, partial=args.report_only))
+            text = [c.recipe for c in configs if not c.is_pgd]
+            if len(text) > 1:
+                split = resolve_split(read_train_config(run_dirs[0])["task"], args.split)
+                print(format_worst_case_report(run_dirs, split, text, pairs, args.baseline,
+                                               partial=args.report_only))  # fmt: skip
 
     return run
 

@@ -231,3 +231,74 @@ def test_variance_components_recover_simulated_parts_and_reproduce_the_t_interva
         variance_components({1: [1, 0], 2: [1, 0, 1]}, {1: [0, 0], 2: [0, 0, 0]})
     with pytest.raises(ValueError, match="at least 2 seeds and 1 example"):
         projected_half_widths(parts, 1, 60)
+
+
+def _text_attacked(out: Path, variant: str, seed: int, recipe: str, outcome: str,
+                   indices: tuple[int, ...] = (0, 1, 2, 3), changes: dict | None = None) -> Path:  # fmt: skip
+    """A run folder (its model's config a stand-in) with a text recipe's files as the runner writes them (with
+    ``changes``: attacked with those solver settings); per example of ``outcome``: ``w`` wrong when clean,
+    ``f`` flipped, ``r`` resisted."""
+    from ode_bert.attack.files import attack_folder
+
+    run_dir = out / GROUP / f"{variant}-seed{seed}"
+    write_json_atomic(
+        run_dir / "train_config.json", TrainConfig(task="sst2", variant=variant, seed=seed).to_json()
+    )
+    write_json_atomic(run_dir / "model" / "config.json", {})
+    config = AttackConfig(recipe=recipe, limit=len(outcome), batch_size=4, wordnet="wn",
+                          solver_changes=changes)  # fmt: skip
+    records = [{"index": index, "label": 1, "clean_correct": o != "w", "flipped": o == "f", "queries": 3,
+                "words_changed": 1, "words_total": 5, "edit_distance": 2, "chunk_size": 4,
+                "last_in_chunk": k == len(outcome) - 1}
+               for k, (index, o) in enumerate(zip(indices, outcome, strict=True))]  # fmt: skip
+    folder = attack_folder(run_dir, "sst2", recipe, changes)
+    write_json_atomic(folder / "config.json", {**config.to_json(), "split": "sst2", "n": len(outcome)})
+    with atomic_open(folder / "records.jsonl") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    write_json_atomic(folder / "summary.json", summarize_records(records, config))
+    return run_dir
+
+
+def test_worst_case_over_text_recipes_counts_an_example_only_if_no_recipe_flips_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--recipe deepwordbug pwws --report-only``: each recipe's tables, then the accuracy under every one
+    of them per example (counted by hand), paired by seed; an attack with solver changes that one recipe
+    lacks is named and left out; clean outcomes that differ between recipes (another model) and other
+    examples are refused, naming the run."""
+    from ode_bert.experiments.report import WORST_CASE, worst_case_outcomes
+
+    recipes = ["deepwordbug", "pwws"]
+    outcomes_by_run = {("im", 1): ("rrfw", "rfrw"), ("ex", 1): ("rffr", "ffrr"),
+                       ("im", 2): ("rrrr", "rrfr"), ("ex", 2): ("rfrr", "rrrf")}  # fmt: skip
+    runs = list(dict.fromkeys(
+        _text_attacked(tmp_path, variant, seed, recipe, outcome)
+        for (variant, seed), both in outcomes_by_run.items() for recipe, outcome in zip(recipes, both)
+    ))  # fmt: skip
+    _text_attacked(tmp_path, "im", 1, "deepwordbug", "rrrr", changes={"tol": 0.1})
+    outcomes, left_out = worst_case_outcomes(runs, "sst2", recipes)
+    assert left_out == [f"{GROUP}/im@tol=0.1-seed1"] and set(outcomes[GROUP]) == {"_examples", "im", "ex"}
+    assert outcomes[GROUP]["im"][1] == {"clean": [True, True, True, False],
+                                        WORST_CASE: [True, False, False, False]}  # fmt: skip
+    assert outcomes[GROUP]["ex"][2][WORST_CASE] == [True, False, True, False]
+    # under every attack: im 1 of 4 and 3 of 4, ex 1 of 4 and 2 of 4 -> im - ex +0 and +25 by seed
+    argv = ["attack", *map(str, runs), "--recipe", *recipes, "--limit", "4", "--wordnet", "wn",
+            "--report-only"]  # fmt: skip
+    assert cli.main(argv) == 0
+    report = capsys.readouterr().out
+    assert "### sst2-n8: deepwordbug, 4 examples" in report and "### sst2-n8: pwws, 4 examples" in report
+    worst = report[report.index("every one of deepwordbug, pwws"):]
+    assert "| im | 2 | 87.50 ± 17.68 | - | 50.00 ± 35.36 | - |" in worst
+    assert "| ex | 2 | 100.00 ± 0.00 | - | 37.50 ± 17.68 | - |" in worst
+    assert f"| under every attack | {_t_interval([0.0, 25.0])} |" in worst
+    assert f"Left out, not attacked with every recipe: {GROUP}/im@tol=0.1-seed1" in worst
+
+    _text_attacked(tmp_path, "im", 2, "pwws", "rrfw")  # the clean outcome of another model
+    with pytest.raises(ValueError, match=r"im-seed2: the clean predictions of pwws and deepwordbug differ"):
+        worst_case_outcomes(runs, "sst2", recipes)
+    for variant, seed in outcomes_by_run:
+        _text_attacked(tmp_path, variant, seed, "pwws", "rrrr", indices=(0, 1, 2, 5))
+    with pytest.raises(ValueError, match="pwws attacked other examples than deepwordbug"):
+        worst_case_outcomes(runs, "sst2", recipes)
+    with pytest.raises(ValueError, match="two or more different recipes"):
+        worst_case_outcomes(runs, "sst2", ["pwws", "pwws"])

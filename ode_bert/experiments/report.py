@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -457,16 +458,116 @@ def format_attack_report(run_dirs: list[Path], config: Any, pairs: list[tuple[st
     split = resolve_split(task, config.split)
     attacks, left_out = attacked_runs(run_dirs, split, config.recipe, partial)
     outcomes = _outcomes(attacks, partial)
-    unfinished = [a for a in attacks if not (a.folder / SUMMARY_FILE).is_file()]
+    unfinished = any(not (a.folder / SUMMARY_FILE).is_file() for a in attacks)
     pairs = [*pairs, *_solver_change_pairs(attacks, pairs)]
+
+    def sources(group: str, examples: list[int]) -> list[str]:
+        return _source_lines(attacks, group, examples, config) if config.is_pgd else []
+
+    lines = _outcome_tables(outcomes, config.recipe, pairs, baseline, partial and unfinished, sources)
+    doubts = {a.name: unconfirmed_flips(a.folder, outcomes[a.group]["_examples"]) for a in attacks}
+    doubts = {name: counts for name, counts in doubts.items() if counts}
+    if doubts:
+        lines += ["**Warning: white-box flips not confirmed on the evaluated model** (attacked before "
+                  "ode-bert confirmed them): robust accuracy may be understated by up to these examples per "
+                  "radius; attack again in a new folder for exact figures.", ""]  # fmt: skip
+        radii = ", ".join(f"{r:g}" for r in config.radii)
+        lines += [f"- {run}: {', '.join(map(str, counts))} examples (radii {radii})"
+                  for run, counts in doubts.items()]  # fmt: skip
+        lines.append("")
+    if left_out:
+        lines += [f"Left out, attacks with solver changes not finished (no summary.json yet): "
+                  f"{', '.join(left_out)}", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+WORST_CASE = "under every attack"
+
+
+def worst_case_outcomes(
+    run_dirs: list[Path], split: str, recipes: list[str], partial: bool = False
+) -> tuple[dict[str, Any], list[str]]:
+    """(outcomes, left out): ``attack_outcomes`` of several text recipes combined per example, ``clean`` and
+    ``under every attack`` (correct and flipped by none of them: the robust accuracy against the strongest
+    recipe for each example), and the runs (``<group>/<variant>-seed<seed>``, with solver changes
+    ``<variant>@<changes>``) that some recipe has not attacked, left out. Every run must have been attacked
+    on the same examples by each recipe, and its clean outcome must be the same in each (the same model on
+    the same sentences); a ``ValueError`` names what does not match."""
+    if len(recipes) < 2 or len(set(recipes)) != len(recipes):
+        raise ValueError(f"worst case: give two or more different recipes, got {recipes}")
+    per_recipe = {recipe: attack_outcomes(run_dirs, split, recipe, partial) for recipe in recipes}
+    for recipe, outcomes in per_recipe.items():
+        metrics = {m for entry in outcomes.values() for v, runs in entry.items() if v != "_examples"
+                   for outcome in runs.values() for m in outcome}  # fmt: skip
+        if metrics != {"clean", "under attack"}:
+            raise ValueError(f"worst case: {recipe} is not a text recipe (its metrics: {sorted(metrics)}); "
+                             "combine text recipes (deepwordbug, pwws)")  # fmt: skip
+    first, *others = recipes
+    combined: dict[str, Any] = {}
+    runs_of = {recipe: {(g, v, s) for g, entry in outcomes.items() for v, runs in entry.items()
+                        if v != "_examples" for s in runs}  # fmt: skip
+               for recipe, outcomes in per_recipe.items()}
+    everywhere = set.intersection(*runs_of.values())
+    left_out = sorted(f"{g}/{v}-seed{s}" for g, v, s in set.union(*runs_of.values()) - everywhere)
+    for group in sorted({g for g, _, _ in everywhere}):
+        examples = per_recipe[first][group]["_examples"]
+        for recipe in others:
+            theirs = per_recipe[recipe][group]["_examples"]
+            n = min(len(examples), len(theirs)) if partial else len(examples)
+            if theirs[:n] != examples[:n] or (not partial and len(theirs) != n):
+                raise ValueError(f"group {group}: {recipe} attacked other examples than {first}; attack with "
+                                 "the same --split and --limit")  # fmt: skip
+            examples = examples[:n]
+        out = combined.setdefault(group, {"_examples": examples})
+        for g, variant, seed in sorted(k for k in everywhere if k[0] == group):
+            each = {recipe: per_recipe[recipe][g][variant][seed] for recipe in recipes}
+            out.setdefault(variant, {})[seed] = _worst_case(each, len(examples), f"{g}/{variant}-seed{seed}")
+    return combined, left_out
+
+
+def _worst_case(outcomes: dict[str, dict[str, list[bool]]], n: int, name: str) -> dict[str, list[bool]]:
+    """One run's ``clean`` and ``under every attack`` on its first ``n`` examples from its outcomes per
+    recipe, whose clean outcomes must agree."""
+    (first, mine), *others = outcomes.items()
+    clean = mine["clean"][:n]
+    for recipe, theirs in others:
+        if theirs["clean"][:n] != clean:
+            raise ValueError(f"{name}: the clean predictions of {recipe} and {first} differ; were both "
+                             "attacked with the same solver settings?")  # fmt: skip
+    robust = [all(outcome["under attack"][i] for outcome in outcomes.values()) for i in range(n)]
+    return {"clean": clean, WORST_CASE: robust}
+
+
+def format_worst_case_report(run_dirs: list[Path], split: str, recipes: list[str],
+                             pairs: list[tuple[str, str]], baseline: str = BASELINE,
+                             partial: bool = False) -> str:  # fmt: skip
+    """``format_attack_report``'s tables for ``worst_case_outcomes``: accuracy under the strongest of several
+    text recipes per example, paired by seed and by example and seed."""
+    from ..attack.files import SUMMARY_FILE
+
+    outcomes, left_out = worst_case_outcomes(run_dirs, split, recipes, partial)
+    attacks = [a for recipe in recipes for a in attacked_runs(run_dirs, split, recipe, partial)[0]]
+    unfinished = partial and any(not (a.folder / SUMMARY_FILE).is_file() for a in attacks)
+    title = f"every one of {', '.join(recipes)}"
+    lines = _outcome_tables(outcomes, title, pairs, baseline, unfinished, lambda group, examples: [])
+    if left_out:
+        lines += [f"Left out, not attacked with every recipe: {', '.join(left_out)}", ""]
+    return "\n".join(lines)
+
+
+def _outcome_tables(outcomes: dict[str, Any], title: str, pairs: list[tuple[str, str]], baseline: str,
+                    interim: bool, extra: Callable[[str, list[int]], list[str]]) -> list[str]:  # fmt: skip
+    """The lines of the attack tables of ``outcomes`` (``attack_outcomes``): per group, the variants' means
+    and differences to ``baseline``, ``extra(group, examples)``, then each pair of ``pairs`` by seed and by
+    example and seed; a closing line names the pairs no group has."""
     reported: set[tuple[str, str]] = set()
     lines = []
     for group, entry in outcomes.items():
         n = len(entry["_examples"])
         variants = sorted((v for v in entry if v != "_examples"), key=_variant_order)
         metrics = list(next(iter(entry[variants[0]].values())))
-        scope = " completed by every run (interim report)" if partial and unfinished else ""
-        lines += [f"### {group}: {config.recipe}, {n} examples{scope} (scores in %)", "",
+        scope = " completed by every run (interim report)" if interim else ""
+        lines += [f"### {group}: {title}, {n} examples{scope} (scores in %)", "",
                   "| variant | seeds | " + " | ".join(f"{m} | Δ {m} vs {baseline}" for m in metrics) + " |",
                   "|---|---|" + "---|---|" * len(metrics)]  # fmt: skip
         too_close: list[str] = []
@@ -486,8 +587,7 @@ def format_attack_report(run_dirs: list[Path], config: Any, pairs: list[tuple[st
                                                  f"{variant} {metric}", too_close))  # fmt: skip
             lines.append(f"| {variant} | {len(runs)} | " + " | ".join(cells) + " |")
         lines += ["", *_too_close_note(too_close)]
-        if config.is_pgd:
-            lines += _source_lines(attacks, group, entry["_examples"], config)
+        lines += extra(group, entry["_examples"])
         for a, b in pairs:
             shared = sorted(set(entry.get(a, {})) & set(entry.get(b, {})))
             if not shared:
@@ -508,26 +608,13 @@ def format_attack_report(run_dirs: list[Path], config: Any, pairs: list[tuple[st
                              f"{boot['ci_high']:+.2f}] | {test['only_a']} / {test['only_b']}, "
                              f"p = {test['p_value']:.3g} |")  # fmt: skip
             lines += ["", *_too_close_note(too_close)]
-    doubts = {a.name: unconfirmed_flips(a.folder, outcomes[a.group]["_examples"]) for a in attacks}
-    doubts = {name: counts for name, counts in doubts.items() if counts}
-    if doubts:
-        lines += ["**Warning: white-box flips not confirmed on the evaluated model** (attacked before "
-                  "ode-bert confirmed them): robust accuracy may be understated by up to these examples per "
-                  "radius; attack again in a new folder for exact figures.", ""]  # fmt: skip
-        radii = ", ".join(f"{r:g}" for r in config.radii)
-        lines += [f"- {run}: {', '.join(map(str, counts))} examples (radii {radii})"
-                  for run, counts in doubts.items()]  # fmt: skip
-        lines.append("")
     missing = [f"{a} − {b}" for a, b in pairs if (a, b) not in reported]
     if missing:
         found = {v for entry in outcomes.values() for v in entry} - {"_examples"}
         variants = sorted(found, key=_variant_order)
         lines += [f"No paired comparison for {', '.join(missing)}: no group has both with a shared seed "
                   f"(variants: {', '.join(variants)}; --pairs A:B names them)", ""]  # fmt: skip
-    if left_out:
-        lines += [f"Left out, attacks with solver changes not finished (no summary.json yet): "
-                  f"{', '.join(left_out)}", ""]  # fmt: skip
-    return "\n".join(lines)
+    return lines
 
 
 def _solver_change_pairs(attacks: list[AttackedRun], pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
