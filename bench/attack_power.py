@@ -1,11 +1,12 @@
 """What an attack comparison needs to be decisive (issue 17): seeds and examples for a given interval.
 
-    python -m bench.attack_power RUN_DIR [RUN_DIR ...] --recipe NAME --pairs A:B [A:B ...]
+    python -m bench.attack_power RUN_DIR [RUN_DIR ...] --recipe NAME [NAME ...] --pairs A:B [A:B ...]
         [--split dev] [--seeds 5 10 20] [--examples 100 872] [--target 3] [--out FILE.json]
 
 Reads the finished attacks of the run folders (``ode-bert attack``; the runs of a group attacked on the same
 examples with the same settings, as ``--report-only`` requires), and for each pair of variants and each
-metric under attack (robust accuracy per radius for PGD, accuracy under attack for the text recipes) splits
+metric under attack (robust accuracy per radius for PGD, accuracy under attack for the text recipes; with
+several text recipes, the accuracy under every one of them: ``report.worst_case_outcomes``) splits
 the noise of the paired difference into its seed, example and remaining parts
 (``stats.variance_components``), then projects the 95% half-widths at other numbers of seeds and examples
 (``stats.projected_half_widths``): by seed (the paired t interval on one set of examples) and by example
@@ -89,7 +90,9 @@ def markdown(rows: list[dict[str, Any]], target: float) -> str:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.attack_power", description=__doc__.split("\n")[0])
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="attacked run folders")
-    parser.add_argument("--recipe", required=True, help="the attack to read (e.g. deepwordbug, pgd-l2)")
+    parser.add_argument("--recipe", required=True, nargs="+",
+                        help="the attack to read (e.g. deepwordbug, pgd-l2); several text recipes: the "
+                        "accuracy under every one of them")
     parser.add_argument("--split", default="dev", help="the attacked split (default: the task's first)")
     parser.add_argument("--pairs", nargs="+", required=True, metavar="A:B", help="variant pairs, e.g. im:ex")
     parser.add_argument("--seeds", nargs="+", type=int, default=[5, 10, 20], help="seed counts to project")
@@ -102,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     from ode_bert.attack.runner import resolve_split
-    from ode_bert.experiments.report import attack_outcomes
+    from ode_bert.experiments.report import attack_outcomes, worst_case_outcomes
     from ode_bert.train import read_train_config
 
     parser = _parser()
@@ -115,7 +118,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--seeds must be >= 2, --examples >= 1 and --target > 0")
     try:
         split = resolve_split(read_train_config(args.run_dirs[0])["task"], args.split)
-        outcomes = attack_outcomes(args.run_dirs, split, args.recipe)
+        if len(args.recipe) == 1:
+            outcomes = attack_outcomes(args.run_dirs, split, args.recipe[0])
+        else:
+            outcomes = worst_case_outcomes(args.run_dirs, split, args.recipe)[0]
         rows = analyse(outcomes, pairs, args.seeds, args.examples, args.target)
     except (FileNotFoundError, ValueError) as err:  # e.g. a pair with fewer than 2 shared seeds
         parser.error(str(err))

@@ -263,9 +263,9 @@ def test_worst_case_over_text_recipes_counts_an_example_only_if_no_recipe_flips_
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """``--recipe deepwordbug pwws --report-only``: each recipe's tables, then the accuracy under every one
-    of them per example (counted by hand), paired by seed; an attack with solver changes that one recipe
-    lacks is named and left out; clean outcomes that differ between recipes (another model) and other
-    examples are refused, naming the run."""
+    of them per example (counted by hand), paired by seed, which the projection tool reads too; an attack
+    with solver changes that one recipe lacks is named and left out; clean outcomes that differ between
+    recipes (another model) and other examples are refused, naming the run."""
     from ode_bert.experiments.report import WORST_CASE, worst_case_outcomes
 
     recipes = ["deepwordbug", "pwws"]
@@ -292,6 +292,10 @@ def test_worst_case_over_text_recipes_counts_an_example_only_if_no_recipe_flips_
     assert "| ex | 2 | 100.00 ± 0.00 | - | 37.50 ± 17.68 | - |" in worst
     assert f"| under every attack | {_t_interval([0.0, 25.0])} |" in worst
     assert f"Left out, not attacked with every recipe: {GROUP}/im@tol=0.1-seed1" in worst
+    from bench import attack_power
+
+    attack_power.main([*map(str, runs), "--recipe", *recipes, "--pairs", "im:ex", "--seeds", "2"])
+    assert "| sst2-n8 | im - ex | under every attack | 2 x 4 | +12.50 |" in capsys.readouterr().out
 
     _text_attacked(tmp_path, "im", 2, "pwws", "rrfw")  # the clean outcome of another model
     with pytest.raises(ValueError, match=r"im-seed2: the clean predictions of pwws and deepwordbug differ"):
