@@ -265,7 +265,7 @@ def test_worst_case_over_text_recipes_counts_an_example_only_if_no_recipe_flips_
     """``--recipe deepwordbug pwws --report-only``: each recipe's tables, then the accuracy under every one
     of them per example (counted by hand), paired by seed, which the projection tool reads too; an attack
     with solver changes that one recipe lacks is named and left out; clean outcomes that differ between
-    recipes (another model) and other examples are refused, naming the run."""
+    recipes (another model), other examples and a PGD attack are refused, naming the run or recipe."""
     from ode_bert.experiments.report import WORST_CASE, worst_case_outcomes
 
     recipes = ["deepwordbug", "pwws"]
@@ -306,3 +306,8 @@ def test_worst_case_over_text_recipes_counts_an_example_only_if_no_recipe_flips_
         worst_case_outcomes(runs, "sst2", recipes)
     with pytest.raises(ValueError, match="two or more different recipes"):
         worst_case_outcomes(runs, "sst2", ["pwws", "pwws"])
+    pgd = [_attacked(tmp_path / "pgd", variant, 1, [1, 0, -1, -2]) for variant in ("im", "ex")]
+    for variant in ("im", "ex"):
+        _text_attacked(tmp_path / "pgd", variant, 1, "pwws", "rrrr")
+    with pytest.raises(ValueError, match="pgd-l2 is not a text recipe"):
+        worst_case_outcomes(pgd, "sst2", ["pgd-l2", "pwws"])

@@ -493,9 +493,17 @@ def worst_case_outcomes(
     ``<variant>@<changes>``) that some recipe has not attacked, left out. Every run must have been attacked
     on the same examples by each recipe, and its clean outcome must be the same in each (the same model on
     the same sentences); a ``ValueError`` names what does not match."""
-    if len(recipes) < 2 or len(set(recipes)) != len(recipes):
-        raise ValueError(f"worst case: give two or more different recipes, got {recipes}")
     per_recipe = {recipe: attack_outcomes(run_dirs, split, recipe, partial) for recipe in recipes}
+    return _combine_worst_case(per_recipe, partial)
+
+
+def _combine_worst_case(
+    per_recipe: dict[str, dict[str, Any]], partial: bool
+) -> tuple[dict[str, Any], list[str]]:
+    """``worst_case_outcomes`` from each recipe's ``attack_outcomes``."""
+    recipes = list(per_recipe)
+    if len(recipes) < 2:
+        raise ValueError(f"worst case: give two or more different recipes, got {recipes}")
     for recipe, outcomes in per_recipe.items():
         metrics = {m for entry in outcomes.values() for v, runs in entry.items() if v != "_examples"
                    for outcome in runs.values() for m in outcome}  # fmt: skip
@@ -519,9 +527,10 @@ def worst_case_outcomes(
                                  "the same --split and --limit")  # fmt: skip
             examples = examples[:n]
         out = combined.setdefault(group, {"_examples": examples})
-        for g, variant, seed in sorted(k for k in everywhere if k[0] == group):
-            each = {recipe: per_recipe[recipe][g][variant][seed] for recipe in recipes}
-            out.setdefault(variant, {})[seed] = _worst_case(each, len(examples), f"{g}/{variant}-seed{seed}")
+        for _, variant, seed in sorted(k for k in everywhere if k[0] == group):
+            each = {recipe: per_recipe[recipe][group][variant][seed] for recipe in recipes}
+            name = f"{group}/{variant}-seed{seed}"
+            out.setdefault(variant, {})[seed] = _worst_case(each, len(examples), name)
     return combined, left_out
 
 
@@ -545,9 +554,10 @@ def format_worst_case_report(run_dirs: list[Path], split: str, recipes: list[str
     text recipes per example, paired by seed and by example and seed."""
     from ..attack.files import SUMMARY_FILE
 
-    outcomes, left_out = worst_case_outcomes(run_dirs, split, recipes, partial)
-    attacks = [a for recipe in recipes for a in attacked_runs(run_dirs, split, recipe, partial)[0]]
-    unfinished = partial and any(not (a.folder / SUMMARY_FILE).is_file() for a in attacks)
+    attacks = {recipe: attacked_runs(run_dirs, split, recipe, partial)[0] for recipe in recipes}
+    outcomes, left_out = _combine_worst_case({r: _outcomes(a, partial) for r, a in attacks.items()}, partial)
+    unfinished = partial and any(not (a.folder / SUMMARY_FILE).is_file() for runs in attacks.values()
+                                 for a in runs)  # fmt: skip
     title = f"every one of {', '.join(recipes)}"
     lines = _outcome_tables(outcomes, title, pairs, baseline, unfinished, lambda group, examples: [])
     if left_out:
