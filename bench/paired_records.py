@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ode_bert.experiments.stats import METRICS, mcnemar, paired_difference
+from ode_bert.experiments.report import format_sign_test
+from ode_bert.experiments.stats import METRICS, paired_difference
 
 
 def runs_by_seed(paths: Sequence[Path], variant: str, group: str) -> dict[int, dict[str, Any]]:
@@ -39,16 +40,6 @@ def runs_by_seed(paths: Sequence[Path], variant: str, group: str) -> dict[int, d
     return runs
 
 
-def sign_test(differences: Sequence[float]) -> str:
-    """``k of n higher, p = ...``: the two-sided sign test of the nonzero differences, which is McNemar's
-    exact test (``stats.mcnemar``) on the seeds where NEW is higher against those where it is lower."""
-    test = mcnemar([d > 0 for d in differences], [d < 0 for d in differences])
-    nonzero = test["only_a"] + test["only_b"]
-    if nonzero == 0:
-        return "0 of 0 higher"
-    return f"{test['only_a']} of {nonzero} higher, p = {test['p_value']:.2g}"
-
-
 def compare(new: Sequence[Path], old: Sequence[Path], variant: str, group: str,
             old_variant: str | None = None) -> str:
     """The per-seed scores of both sets of files and the paired NEW − OLD differences, as markdown."""
@@ -66,7 +57,7 @@ def compare(new: Sequence[Path], old: Sequence[Path], variant: str, group: str,
     for metric, label in METRICS.items():
         scores = {k: [100 * runs[k][s][metric]["overall"] for s in seeds] for k in runs}
         d = paired_difference(scores["new"], scores["old"])
-        signs = sign_test([a - b for a, b in zip(scores["new"], scores["old"])])
+        signs = format_sign_test([a - b for a, b in zip(scores["new"], scores["old"])])
         lines.append(f"| {label} | {' / '.join(f'{x:.2f}' for x in scores['new'])} | "
                      f"{' / '.join(f'{x:.2f}' for x in scores['old'])} | "
                      f"{d['mean']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}] | NEW {signs} |")

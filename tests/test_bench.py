@@ -35,6 +35,7 @@ from bench import (
     training_overhead,
 )
 from ode_bert.data import DATA_DIR_ENV
+from ode_bert.experiments.report import format_sign_test
 
 DATA_DIR = Path(os.environ.get(DATA_DIR_ENV) or Path(__file__).resolve().parents[1] / "../shared/data")
 
@@ -180,11 +181,11 @@ def test_stiff_quick(tmp_path: Path) -> None:
             assert row["implicit_euler"] == (min(hits) if hits else None)
 
 
-def test_sign_test_matches_the_binomial_distribution() -> None:
+def test_format_sign_test_matches_the_binomial_distribution() -> None:
     """The two-sided exact sign test: 8 of 9 higher is p = 2 * (9 + 1) / 2**9; ties are dropped."""
-    assert paired_records.sign_test([1.0] * 8 + [-1.0]) == f"8 of 9 higher, p = {20 / 512:.2g}"
-    assert paired_records.sign_test([1.0, 0.0, 2.0]) == f"2 of 2 higher, p = {0.5:.2g}"
-    assert paired_records.sign_test([0.0]) == "0 of 0 higher"
+    assert format_sign_test([1.0] * 8 + [-1.0]) == f"8 of 9 higher, p = {20 / 512:.2g}"
+    assert format_sign_test([1.0, 0.0, 2.0]) == f"2 of 2 higher, p = {0.5:.2g}"
+    assert format_sign_test([0.0]) == "0 of 0 higher"
 
 
 def test_paired_records_pairs_one_variant_across_two_files(tmp_path: Path) -> None:

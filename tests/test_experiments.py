@@ -79,6 +79,28 @@ def test_report_pairs_records_by_seed(tmp_path: Path, capsys: pytest.CaptureFixt
     assert experiments.format_report(experiments.load_records([path]), [("im", "ex")]) + "\n" == report
 
 
+def test_report_tests_pairs_and_counts_failures_by_hand() -> None:
+    """The pairs table's t and sign tests, and the failure counts with Fisher's exact test, against the
+    formulas by hand: t = mean / (sd / sqrt n) with p = 2 P(T > |t|), the sign test's binomial tail with
+    ties dropped, and the hypergeometric tail of the failure table."""
+    clean_ex = [0.80, 0.52, 0.79, 0.52, 0.51, 0.78]  # seeds 2, 4, 5 within 5 points of the constant 0.5
+    clean_im = [0.83, 0.84, 0.79, 0.81, 0.86, 0.77]
+    records = [_record("sst2-n8", "ex", s, c, 0.5) for s, c in enumerate(clean_ex, 1)]
+    records += [_record("sst2-n8", "im", s, c, 0.5) for s, c in enumerate(clean_im, 1)]
+    text = experiments.format_pairs(records, [("im", "ex")])
+    diffs = [100 * (a - b) for a, b in zip(clean_im, clean_ex)]  # +3, +32, 0, +29, +35, -1
+    t = statistics.fmean(diffs) / (statistics.stdev(diffs) / math.sqrt(6))
+    t_p = 2 * stats.t.sf(abs(t), 5)
+    sign_p = 2 * (math.comb(5, 0) + math.comb(5, 1)) / 2**5  # 4 of 5 higher, the tie at seed 3 dropped
+    assert f"| {t_p:.2g}; 4 of 5 higher, p = {sign_p:.2g} | n/a; 0 of 0 higher |" in text
+    # 3 failures in 12 runs, all 3 in ex's 6: hypergeometric probability C(6,0) C(6,3) / C(12,3); its mirror
+    # image (all in im's) is as likely and the split tables more likely, so the two-sided p sums the two
+    fisher_p = 2 * math.comb(6, 0) * math.comb(6, 3) / math.comb(12, 3)
+    assert f"- sst2-n8, im − ex: im 0 of 6, ex 3 of 6 (Fisher's exact test p = {fisher_p:.2g})" in text
+    learned = [r for r in records if r["clean"]["overall"] > 0.6]
+    assert "Fisher" not in experiments.format_pairs(learned, [("im", "ex")])
+
+
 def test_executor_options_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for argv, named in ((["--gpus-per-run", "1"], "options of --executor ray"),
                         (["--workers", "0"], "--workers must be >= 1"),

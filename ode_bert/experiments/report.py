@@ -16,9 +16,12 @@ from .stats import (
     bootstrap_over_examples_and_seeds,
     by_group,
     correlation,
+    fisher_exact,
     mcnemar,
     paired_difference,
+    sign_test,
     summarize_groups,
+    t_test,
     variance_components,
 )
 
@@ -91,18 +94,50 @@ def format_tables(summary: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def format_sign_test(differences: list[float]) -> str:
+    """``k of n higher, p = ...``: the two-sided sign test of the nonzero ``differences``
+    (``stats.sign_test``)."""
+    test = sign_test(differences)
+    nonzero = test["higher"] + test["lower"]
+    if nonzero == 0:
+        return "0 of 0 higher"
+    return f"{test['higher']} of {nonzero} higher, p = {test['p_value']:.2g}"
+
+
+def _tests_cell(differences: list[float]) -> str:
+    """``t p; k of n higher, p`` of per-seed differences: the two-sided t test (``stats.t_test``) and the sign
+    test."""
+    t_p = t_test(differences)
+    return f"{'n/a' if t_p is None else f'{t_p:.2g}'}; {format_sign_test(differences)}"
+
+
 def format_pairs(records: list[dict[str, Any]], pairs: list[tuple[str, str]]) -> str:
-    """Markdown table of paired differences ``a - b`` between variants, per group, over their shared seeds."""
-    out = ["| group | pair | seeds | Δ clean [95% CI] | Δ AdvGLUE [95% CI] |", "|---|---|---|---|---|"]
+    """Markdown table of paired differences ``a - b`` between variants, per group, over their shared seeds,
+    with the t and sign tests of each; then, where a pair's runs did not all learn (``not_learned``), the
+    failure counts with Fisher's exact test."""
+    out = ["| group | pair | seeds | Δ clean [95% CI] | Δ AdvGLUE [95% CI] | clean: t test p; sign test "
+           "| AdvGLUE: t test p; sign test |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    failures = []
     for name, runs in by_group(records).items():
         for a, b in pairs:
             seeds = sorted(set(runs.get(a, {})) & set(runs.get(b, {})))
             if not seeds:
                 continue
+            differences = {m: [100 * (runs[a][s][m]["overall"] - runs[b][s][m]["overall"]) for s in seeds]
+                           for m in METRICS}  # fmt: skip
             cells = [_interval(paired_difference([100 * runs[a][s][m]["overall"] for s in seeds],
                                                  [100 * runs[b][s][m]["overall"] for s in seeds]))
                      for m in METRICS]
-            out.append(f"| {name} | {a} − {b} | {len(seeds)} | {cells[0]} | {cells[1]} |")
+            tests = [_tests_cell(differences[m]) for m in METRICS]
+            out.append(f"| {name} | {a} − {b} | {len(seeds)} | {' | '.join(cells + tests)} |")
+            failed = {v: sum(not_learned(runs[v][s]) for s in runs[v]) for v in (a, b)}
+            if any(failed.values()):
+                p = fisher_exact(failed[a], len(runs[a]), failed[b], len(runs[b]))
+                failures.append(f"{name}, {a} − {b}: {a} {failed[a]} of {len(runs[a])}, {b} {failed[b]} of "
+                                f"{len(runs[b])} (Fisher's exact test p = {p:.2g})")
+    if failures:
+        out += ["", "Runs that did not learn (‡ below), every seed of each variant:", "",
+                *(f"- {line}" for line in failures)]
     return "\n".join(out)
 
 
@@ -605,18 +640,20 @@ def _outcome_tables(outcomes: dict[str, Any], title: str, pairs: list[tuple[str,
             reported.add((a, b))
             noise = "" if len(shared) > 1 else " (one seed: the bootstrap resamples examples only)"
             lines += [f"{a} − {b}, {len(shared)} shared seed(s){noise}:", "",
-                      "| metric | Δ by seed [95% t CI] | Δ by example and seed [95% bootstrap CI] "
-                      "| McNemar (only A / only B, p) |", "|---|---|---|---|"]  # fmt: skip
+                      "| metric | Δ by seed [95% t CI] | by seed: t test p; sign test "
+                      "| Δ by example and seed [95% bootstrap CI] | McNemar (only A / only B, p) |",
+                      "|---|---|---|---|---|"]  # fmt: skip
             too_close = []
             for metric in metrics:
                 xa = {s: entry[a][s][metric] for s in shared}
                 xb = {s: entry[b][s][metric] for s in shared}
                 by_seed = _paired_by_seed(xa, xb, metric, too_close)
+                tests = _tests_cell([100 * (sum(xa[s]) - sum(xb[s])) / n for s in shared])
                 boot = bootstrap_over_examples_and_seeds(xa, xb)
                 test = mcnemar([x for s in shared for x in xa[s]], [x for s in shared for x in xb[s]])
-                lines.append(f"| {metric} | {by_seed} | {boot['mean']:+.2f} [{boot['ci_low']:+.2f}, "
-                             f"{boot['ci_high']:+.2f}] | {test['only_a']} / {test['only_b']}, "
-                             f"p = {test['p_value']:.3g} |")  # fmt: skip
+                boot_cell = f"{boot['mean']:+.2f} [{boot['ci_low']:+.2f}, {boot['ci_high']:+.2f}]"
+                lines.append(f"| {metric} | {by_seed} | {tests} | {boot_cell} | {test['only_a']} / "
+                             f"{test['only_b']}, p = {test['p_value']:.3g} |")  # fmt: skip
             lines += ["", *_too_close_note(too_close)]
     missing = [f"{a} − {b}" for a, b in pairs if (a, b) not in reported]
     if missing:

@@ -1,5 +1,6 @@
-"""Paired statistics over seeds (the mean per-seed difference to a baseline with its 95% t interval) and over
-examples and seeds (crossed bootstrap, McNemar, variance components and the intervals they project)."""
+"""Paired statistics over seeds (the mean per-seed difference to a baseline with its 95% t interval, t and
+sign tests), failure counts (Fisher's exact test) and over examples and seeds (crossed bootstrap, McNemar,
+variance components and the intervals they project)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,36 @@ def paired_difference(values: Sequence[float], baseline: Sequence[float]) -> dic
 
     half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
     return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half, "n": len(diffs)}
+
+
+def t_test(differences: Sequence[float]) -> float | None:
+    """Two-sided p-value of the one-sample t test that the mean of ``differences`` is 0 (the test behind
+    ``paired_difference``'s interval); ``None`` below 2 values or when they are all equal. For a direction
+    stated in advance, the one-sided p is half of it when the mean goes that way."""
+    if len(differences) < 2 or len(set(differences)) == 1:
+        return None
+    from scipy import stats
+
+    return float(stats.ttest_1samp(differences, 0.0).pvalue)
+
+
+def sign_test(differences: Sequence[float]) -> dict[str, float | int]:
+    """The two-sided sign test of the nonzero ``differences`` (ties left out): how many are positive and
+    negative, and the binomial p of that split (McNemar's exact test, ``mcnemar``, on the two signs)."""
+    test = mcnemar([d > 0 for d in differences], [d < 0 for d in differences])
+    return {"higher": test["only_a"], "lower": test["only_b"], "p_value": test["p_value"]}
+
+
+def fisher_exact(failed_a: int, runs_a: int, failed_b: int, runs_b: int) -> float:
+    """Two-sided p-value of Fisher's exact test that two variants fail (e.g. ``report.not_learned``) at the
+    same rate, from ``failed_a`` of ``runs_a`` and ``failed_b`` of ``runs_b`` runs."""
+    if not (0 <= failed_a <= runs_a and 0 <= failed_b <= runs_b):
+        raise ValueError(f"failures must lie between 0 and the runs, got {failed_a} of {runs_a} and "
+                         f"{failed_b} of {runs_b}")
+    from scipy import stats
+
+    table = [[failed_a, runs_a - failed_a], [failed_b, runs_b - failed_b]]
+    return float(stats.fisher_exact(table).pvalue)
 
 
 def summarize(
