@@ -124,7 +124,7 @@ PLANS: dict[str, list[Group]] = {
         Group("sst2", 1000, ("im-lr1e-4", "ex-lr1e-4", "bert-lr1e-4")),
         Group("sst2", 1000, ("im-stocklast", "ex-stocklast")),
         Group("sst2", 1000, ("im-stockfirst", "im-stockmid")),
-        Group("qnli", 1000, ("im-stocklast", "ex-stocklast")),
+        Group("qqp", 1000, ("im-stocklast", "ex-stocklast")),
     ],
 }
 
