@@ -312,12 +312,18 @@ def _attack_command(parser: argparse.ArgumentParser) -> Handler:
     parser.add_argument("--pairs", nargs="*", default=["im:ex"],
                         help="variant pairs A:B compared by example after several runs (default im:ex)")
     parser.add_argument("--baseline", default="bert", help="variant the others are paired with")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="attacks at a time, each in a child process with its output in "
+                        "RUN_DIR/attacks/<split>-<recipe>.log (default 1: one by one in this process)")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads per attack with --workers above 1 (default: the cores shared out)")
     parser.add_argument("--report-only", action="store_true",
                         help="attack nothing: the paired report of the attacks in the folders, unfinished "
                         "ones included, on the examples every run has completed (an interim report)")
     _add_data_dir(parser)
 
     def run(args: argparse.Namespace) -> None:
+        from .attack.pool import attack_runs
         from .attack.runner import AttackConfig, attack_run, resolve_split
         from .experiments.report import format_attack_report, format_worst_case_report
         from .train import read_train_config
@@ -337,12 +343,25 @@ def _attack_command(parser: argparse.ArgumentParser) -> Handler:
                       or not (Path(d) / "train_config.json").is_file()]  # fmt: skip
         if unfinished:  # before any attack starts
             raise FileNotFoundError(f"not finished training runs (train_config.json, model/): {unfinished}")
-        for config in [] if args.report_only else configs:
-            for run_dir in args.run_dirs:
-                summary = attack_run(run_dir, config, args.data_dir)
-                hidden = ("settings", "solver_this_call", "min_radius_note", "solver_settings")
-                shown = {k: v for k, v in summary.items() if k not in hidden}
-                print(f"{run_dir}: {json.dumps(shown)}")
+        if args.workers < 1 or (args.threads is not None and args.threads < 1):
+            raise ValueError(f"--workers and --threads must be >= 1, got {args.workers} and {args.threads}")
+        jobs = [] if args.report_only else [(d, config) for config in configs for d in args.run_dirs]
+        finished = 0
+
+        def show(run_dir: str | Path, config: AttackConfig, summary: dict[str, object]) -> None:
+            nonlocal finished
+            finished += 1
+            hidden = ("settings", "solver_this_call", "min_radius_note", "solver_settings")
+            shown = {k: v for k, v in summary.items() if k not in hidden}
+            print(f"[{finished}/{len(jobs)}] {run_dir}: {json.dumps(shown)}", flush=True)
+
+        if args.workers > 1 and jobs:
+            print(f"{len(jobs)} attack(s), {args.workers} at a time; each one's output in "
+                  "RUN_DIR/attacks/<split>-<recipe>.log", flush=True)  # fmt: skip
+            attack_runs(jobs, args.workers, args.threads, args.data_dir, show)
+        else:
+            for run_dir, config in jobs:
+                show(run_dir, config, attack_run(run_dir, config, args.data_dir))
         run_dirs = [Path(d) for d in args.run_dirs]
         if len(run_dirs) > 1 or args.report_only:
             for config in configs:

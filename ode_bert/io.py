@@ -1,11 +1,12 @@
-"""Atomic file writes (a reader never sees a half-written file, and a failed write keeps the old one) and
-folder locks (two processes never write into one folder at once)."""
+"""Atomic file writes (a reader never sees a half-written file, and a failed write keeps the old one), folder
+locks (two processes never write into one folder at once) and worker processes that end with their parent."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,3 +85,13 @@ def exclusive(folder: Path, what: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def die_with_parent() -> None:
+    """In a worker process before it starts (``Popen(preexec_fn=...)``, Linux): SIGTERM it when the process
+    that started it dies, even by ``kill -9``; a worker in its own session would otherwise work on alone.
+    Elsewhere a no-op."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import warnings
 from pathlib import Path
 
@@ -481,6 +482,40 @@ def test_example_paired_statistics_by_hand() -> None:
     assert same["mean"] == same["ci_low"] == same["ci_high"] == 0.0
     shifted = bootstrap_over_examples_and_seeds({1: [1, 1, 1, 0], 2: [1, 1, 0, 1]}, {1: [0] * 4, 2: [0] * 4})
     assert shifted["mean"] == 75.0 and shifted["ci_low"] < 75.0 < shifted["ci_high"] <= 100.0
+
+
+@needs_data
+def test_attacks_in_worker_processes_write_what_one_by_one_writes(
+    tiny_model: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """``ode-bert attack --workers 2``: the same records as the attacks run one by one in this process, each
+    child's output in its log, a line per finished attack; a job that fails is named with its log's tail
+    while the others finish."""
+    from ode_bert.attack.pool import attack_runs, log_path
+    from ode_bert.cli import main
+
+    alone = [_make_run(tmp_path / "alone", tiny_model, v) for v in ("bert", "ex")]
+    pooled = [tmp_path / "pooled" / run.name for run in alone]
+    for source, target in zip(alone, pooled):
+        _copy_run(source, target)
+    broken = tmp_path / "broken" / "bert-seed1"
+    _copy_run(alone[0], broken)
+    (broken / "model" / "config.json").write_text("{not json")
+    config = AttackConfig(recipe="deepwordbug", limit=6, batch_size=3, budget=6)
+    for run_dir in alone:
+        attack_run(run_dir, config, progress=False)
+    argv = ["attack", str(broken), *map(str, pooled), "--recipe", "deepwordbug", "--limit", "6",
+            "--batch-size", "3", "--budget", "6", "--workers", "2", "--threads", "1"]  # fmt: skip
+    assert main(argv) == 2
+    printed = capsys.readouterr()
+    assert "3 attack(s), 2 at a time" in printed.out and "[2/3] " in printed.out
+    assert re.search(r"1 of 3 attack\(s\) failed:\ndeepwordbug on .*broken.*log tail", printed.err)
+    for source, target in zip(alone, pooled):
+        records = "attacks/sst2-deepwordbug/records.jsonl"
+        assert (target / records).read_text() == (source / records).read_text()
+        assert "deepwordbug" in log_path(target, config).read_text()  # the child's progress bar
+    with pytest.raises(ValueError, match="workers must be a positive integer"):
+        attack_runs([(pooled[0], config)], workers=0)
 
 
 def test_cli_refuses_bad_attacks_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

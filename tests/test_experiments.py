@@ -150,12 +150,12 @@ def test_ray_executor_runs_each_run_as_a_ray_task(tiny_model: str, tmp_path: Pat
 
 def test_local_workers_die_with_the_process_that_started_them() -> None:
     """A worker runs in its own session (so Ctrl-C reaches the runner first), yet must not train on alone
-    when the runner is killed: it is started with ``_die_with_parent``."""
+    when the runner is killed: it is started with ``io.die_with_parent``."""
     parent = (
         "import os, subprocess, sys\n"
-        "from ode_bert.experiments.executors import _die_with_parent\n"
+        "from ode_bert.io import die_with_parent\n"
         "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],\n"
-        "                         start_new_session=True, preexec_fn=_die_with_parent)\n"
+        "                         start_new_session=True, preexec_fn=die_with_parent)\n"
         "print(child.pid, flush=True)\n"
         "os._exit(0)  # as if killed: no clean-up code runs\n"
     )

@@ -2,8 +2,9 @@
 
 ``RECIPES`` are the names ``ode-bert attack --recipe`` takes; this module imports no torch (the command
 line reads it for ``--help``). The library: ``ode_bert.attack.embedding`` (PGD, gradient sources),
-``ode_bert.attack.text`` (DeepWordBug, PWWS, WordNet) and ``ode_bert.attack.runner`` (``attack_run``,
-``AttackConfig``: records, summary and plot in the run folder). See docs/attack.md.
+``ode_bert.attack.text`` (DeepWordBug, PWWS, WordNet), ``ode_bert.attack.runner`` (``attack_run``,
+``AttackConfig``: records, summary and plot in the run folder) and ``ode_bert.attack.pool`` (``attack_runs``:
+several at a time in child processes). See docs/attack.md.
 """
 
 from __future__ import annotations

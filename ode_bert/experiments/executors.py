@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..io import die_with_parent
 from .plans import Run
 
 LOG_FILE = "log.txt"
@@ -87,15 +88,6 @@ class Executor:
         """Release what the executor holds (``stop`` first)."""
 
 
-def _die_with_parent() -> None:
-    """In a worker before it starts (Linux): SIGTERM it when the process that started it dies, even by
-    ``kill -9``; a worker in its own session would otherwise train on alone. Elsewhere a no-op."""
-    with contextlib.suppress(OSError, AttributeError):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-
-
 class InlineExecutor(Executor):
     """In this process, one run at a time; an error in a run propagates."""
 
@@ -155,7 +147,7 @@ class LocalExecutor(Executor):
         with open(run.run_dir / LOG_FILE, "ab") as log:
             process = subprocess.Popen([sys.executable, "-m", "ode_bert.experiments.worker", payload],
                                        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                       preexec_fn=_die_with_parent)
+                                       preexec_fn=die_with_parent)
         self._running[run] = (process, time.perf_counter())
 
     def wait(self, timeout: float) -> list[Outcome]:
