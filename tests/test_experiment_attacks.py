@@ -236,10 +236,11 @@ def test_variance_components_recover_simulated_parts_and_reproduce_the_t_interva
 
 
 def _text_attacked(out: Path, variant: str, seed: int, recipe: str, outcome: str,
-                   indices: tuple[int, ...] = (0, 1, 2, 3), changes: dict | None = None) -> Path:  # fmt: skip
+                   indices: tuple[int, ...] = (0, 1, 2, 3), changes: dict | None = None,
+                   labels: tuple[int, ...] = (1, 1, 1, 1)) -> Path:  # fmt: skip
     """A run folder (its model's config a stand-in) with a text recipe's files as the runner writes them (with
     ``changes``: attacked with those solver settings); per example of ``outcome``: ``w`` wrong when clean,
-    ``f`` flipped, ``r`` resisted."""
+    ``f`` flipped, ``r`` resisted; its gold label from ``labels``."""
     from ode_bert.attack.files import attack_folder
 
     run_dir = out / GROUP / f"{variant}-seed{seed}"
@@ -249,16 +250,30 @@ def _text_attacked(out: Path, variant: str, seed: int, recipe: str, outcome: str
     write_json_atomic(run_dir / "model" / "config.json", {})
     config = AttackConfig(recipe=recipe, limit=len(outcome), batch_size=4, wordnet="wn",
                           solver_changes=changes)  # fmt: skip
-    records = [{"index": index, "label": 1, "clean_correct": o != "w", "flipped": o == "f", "queries": 3,
+    records = [{"index": index, "label": label, "clean_correct": o != "w", "flipped": o == "f", "queries": 3,
                 "words_changed": 1, "words_total": 5, "edit_distance": 2, "chunk_size": 4,
                 "last_in_chunk": k == len(outcome) - 1}
-               for k, (index, o) in enumerate(zip(indices, outcome, strict=True))]  # fmt: skip
+               for k, (index, o, label) in enumerate(zip(indices, outcome, labels, strict=True))]  # fmt: skip
     folder = attack_folder(run_dir, "sst2", recipe, changes)
     write_json_atomic(folder / "config.json", {**config.to_json(), "split": "sst2", "n": len(outcome)})
     with atomic_open(folder / "records.jsonl") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     write_json_atomic(folder / "summary.json", summarize_records(records, config))
     return run_dir
+
+
+def test_text_attack_report_counts_flips_by_gold_label(tmp_path: Path) -> None:
+    """The flips of clean-correct answers per gold label, summed over a variant's seeds (counted by hand):
+    an attack that flips one label only shows as 0% on the other."""
+    from ode_bert.experiments.report import format_attack_report
+
+    labels = (0, 1, 0, 1)
+    runs = [_text_attacked(tmp_path, "im", 1, "deepwordbug", "rfff", labels=labels),  # 0: 1 of 2, 1: 2 of 2
+            _text_attacked(tmp_path, "im", 2, "deepwordbug", "wrrf", labels=labels),  # 0: 0 of 1, 1: 1 of 2
+            _text_attacked(tmp_path, "ex", 1, "deepwordbug", "rfrf", labels=labels)]  # 0: 0 of 2, 1: 2 of 2
+    report = format_attack_report(runs, AttackConfig(recipe="deepwordbug", limit=4), [("im", "ex")])
+    assert "- ex: label 0: 0 of 2 (0%), label 1: 2 of 2 (100%)" in report
+    assert "- im: label 0: 1 of 3 (33%), label 1: 3 of 4 (75%)" in report
 
 
 def test_worst_case_over_text_recipes_counts_an_example_only_if_no_recipe_flips_it(

@@ -452,6 +452,30 @@ def _source_lines(attacks: list[AttackedRun], group: str, examples: list[int], c
     return [*lines, ""] if lines else []
 
 
+def _flips_by_label(attacks: list[AttackedRun], group: str, examples: list[int]) -> list[str]:
+    """Per variant of ``group``, over its seeds: how many of the clean-correct ``examples`` of each gold label
+    a text attack flipped. An attack that can move one label only (garbling the second question of a QQP pair
+    cannot make the pair more of a duplicate) leaves the other's answers standing, whatever the model."""
+    from ..attack.files import RECORDS_FILE, read_records
+
+    wanted = set(examples)
+    counts: dict[str, dict[int, list[int]]] = {}
+    for attacked in attacks:
+        if attacked.group != group:
+            continue
+        for record in read_records(attacked.folder / RECORDS_FILE):
+            if record["index"] in wanted and record["clean_correct"]:
+                count = counts.setdefault(attacked.variant, {}).setdefault(record["label"], [0, 0])
+                count[0] += 1
+                count[1] += bool(record["flipped"])
+    lines = ["Clean-correct answers flipped, by gold label (all seeds):", ""]
+    for variant in sorted(counts, key=_variant_order):
+        cells = [f"label {label}: {flipped} of {n} ({100 * flipped / n:.0f}%)"
+                 for label, (n, flipped) in sorted(counts[variant].items())]  # fmt: skip
+        lines.append(f"- {variant}: {', '.join(cells)}")
+    return [*lines, ""]
+
+
 def _paired_by_seed(
     a: dict[int, list[bool]], b: dict[int, list[bool]], label: str, too_close: list[str]
 ) -> str:
@@ -497,7 +521,9 @@ def format_attack_report(run_dirs: list[Path], config: Any, pairs: list[tuple[st
     pairs = [*pairs, *_solver_change_pairs(attacks, pairs)]
 
     def sources(group: str, examples: list[int]) -> list[str]:
-        return _source_lines(attacks, group, examples, config) if config.is_pgd else []
+        if config.is_pgd:
+            return _source_lines(attacks, group, examples, config)
+        return _flips_by_label(attacks, group, examples)
 
     lines = _outcome_tables(outcomes, config.recipe, pairs, baseline, partial and unfinished, sources)
     doubts = {a.name: unconfirmed_flips(a.folder, outcomes[a.group]["_examples"]) for a in attacks}
