@@ -494,28 +494,24 @@ def test_attacks_in_worker_processes_write_what_one_by_one_writes(
     from ode_bert.attack.pool import attack_runs, log_path
     from ode_bert.cli import main
 
-    alone = [_make_run(tmp_path / "alone", tiny_model, v) for v in ("bert", "ex")]
-    pooled = [tmp_path / "pooled" / run.name for run in alone]
-    for source, target in zip(alone, pooled):
-        _copy_run(source, target)
-    broken = tmp_path / "broken" / "bert-seed1"
-    _copy_run(alone[0], broken)
+    alone = _make_run(tmp_path / "alone", tiny_model, "ex")
+    pooled, broken = tmp_path / "pooled" / alone.name, tmp_path / "broken" / alone.name
+    _copy_run(alone, pooled)
+    _copy_run(alone, broken)
     (broken / "model" / "config.json").write_text("{not json")
     config = AttackConfig(recipe="deepwordbug", limit=6, batch_size=3, budget=6)
-    for run_dir in alone:
-        attack_run(run_dir, config, progress=False)
-    argv = ["attack", str(broken), *map(str, pooled), "--recipe", "deepwordbug", "--limit", "6",
+    attack_run(alone, config, progress=False)
+    argv = ["attack", str(broken), str(pooled), "--recipe", "deepwordbug", "--limit", "6",
             "--batch-size", "3", "--budget", "6", "--workers", "2", "--threads", "1"]  # fmt: skip
     assert main(argv) == 2
     printed = capsys.readouterr()
-    assert "3 attack(s), 2 at a time" in printed.out and "[2/3] " in printed.out
-    assert re.search(r"1 of 3 attack\(s\) failed:\ndeepwordbug on .*broken.*log tail", printed.err)
-    for source, target in zip(alone, pooled):
-        records = "attacks/sst2-deepwordbug/records.jsonl"
-        assert (target / records).read_text() == (source / records).read_text()
-        assert "deepwordbug" in log_path(target, config).read_text()  # the child's progress bar
+    assert "2 attack(s), 2 at a time" in printed.out and f"[1/2] {pooled}: " in printed.out
+    assert re.search(r"1 of 2 attack\(s\) failed:\ndeepwordbug on .*broken.*log tail", printed.err)
+    records = "attacks/sst2-deepwordbug/records.jsonl"
+    assert (pooled / records).read_text() == (alone / records).read_text()
+    assert "deepwordbug" in log_path(pooled, config).read_text()  # the child's progress bar
     with pytest.raises(ValueError, match="workers must be a positive integer"):
-        attack_runs([(pooled[0], config)], workers=0)
+        attack_runs([(pooled, config)], workers=0)
 
 
 def test_cli_refuses_bad_attacks_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
