@@ -95,10 +95,12 @@ def attack_runs(
 
 
 def _summary(run_dir: str | Path, config: Any) -> dict[str, Any] | None:
+    """The summary a finished child wrote (``None`` if it wrote none)."""
     from ..train import read_train_config
+    from .files import SUMMARY_FILE
     from .runner import attack_dir
 
-    path = attack_dir(run_dir, read_train_config(run_dir)["task"], config) / "summary.json"
+    path = attack_dir(run_dir, read_train_config(run_dir)["task"], config) / SUMMARY_FILE
     return json.loads(path.read_text()) if path.is_file() else None
 
 
