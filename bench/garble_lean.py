@@ -1,0 +1,124 @@
+"""How a model's answers lean on randomly damaged input: DeepWordBug's character edits at random, no search.
+
+A text attack that can move one label only (RESULTS.md, "By gold label") keeps more answers for a model that
+calls damaged input by that label more often, robust or not. This measures the lean itself: each of the
+attacked examples (``--limit``: the fixed subset ``ode-bert attack --limit`` uses) gets ``--words`` random
+words (non-stopwords of the edited text, the second of a pair) each changed by one of DeepWordBug's four
+character edits, drawn from seeds of (``--seed``, example, draw), ``--draws`` times. Per run it prints, per
+gold label, the share of clean-correct answers that a random edit flips, and the share of all answers that are
+label 0 on clean and on edited input; per variant the means over seeds; per ``--pairs A:B`` the paired
+difference by seed with its 95% t interval.
+
+    python -m bench.garble_lean runs/stocklast/sst2-n1000/{im,ex}-stocklast-seed{1..24} --limit 100 \
+        --pairs im-stocklast:ex-stocklast
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import random
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ode_bert.data import Example
+
+
+def garble(text: str, k: int, rng: random.Random) -> str:
+    """``text`` with ``k`` of its words (non-stopwords where there are enough) each changed by one random
+    DeepWordBug character edit (``attack.text.char_transformations``)."""
+    from ode_bert.attack.text import STOPWORDS, char_transformations, replace_span, words
+
+    spans = words(text)
+    content = [s for s in spans if text[s[0]:s[1]].lower() not in STOPWORDS]
+    chosen = rng.sample(content if len(content) >= k else spans, min(k, len(spans)))
+    for span in sorted(chosen, reverse=True):  # right to left: earlier spans keep their offsets
+        candidates = char_transformations(text[span[0]:span[1]], rng)
+        if candidates:
+            text = replace_span(text, span, rng.choice(candidates))
+    return text
+
+
+def lean(run_dir: Path, limit: int | None, k: int, draws: int, seed: int) -> dict[str, Any]:
+    """One run's clean and edited predictions on the attacked examples, summarised (module docstring)."""
+    from ode_bert.attack.files import run_identity
+    from ode_bert.attack.runner import AttackConfig, _examples, example_seed
+    from ode_bert.evaluate import load_run_model, predict
+    from ode_bert.train import read_train_config
+
+    train = read_train_config(run_dir)
+    indexed = _examples(AttackConfig(recipe="deepwordbug", limit=limit), train, None)
+    model, tokenizer = load_run_model(run_dir / "model")
+    model.eval()
+    examples = [ex for _, ex in indexed]
+    clean = predict(model, tokenizer, examples, train["max_length"])
+    edited: list[Example] = []
+    for draw in range(draws):
+        for index, ex in indexed:
+            rng = random.Random(example_seed(seed, index, draw))
+            if ex.text_b is None:
+                edited.append(dataclasses.replace(ex, text_a=garble(ex.text_a, k, rng)))
+            else:
+                edited.append(dataclasses.replace(ex, text_b=garble(ex.text_b, k, rng)))
+    damaged = predict(model, tokenizer, edited, train["max_length"])
+    group, variant, run_seed = run_identity(run_dir)
+    out: dict[str, Any] = {"run": str(run_dir), "group": group, "variant": variant, "seed": run_seed,
+                           "label0_clean": 100 * statistics.fmean(p == 0 for p in clean),
+                           "label0_edited": 100 * statistics.fmean(p == 0 for p in damaged)}  # fmt: skip
+    for label in sorted({ex.label for ex in examples}):
+        flips = [damaged[d * len(examples) + i] != ex.label for d in range(draws)
+                 for i, ex in enumerate(examples) if ex.label == label and clean[i] == ex.label]  # fmt: skip
+        out[f"flipped_label{label}"] = 100 * statistics.fmean(flips) if flips else None
+    return out
+
+
+def report(rows: list[dict[str, Any]], pairs: Sequence[tuple[str, str]]) -> str:
+    """Per variant the means over seeds, per pair the paired differences, as markdown."""
+    from ode_bert.experiments.stats import paired_difference
+
+    metrics = [m for m in rows[0] if m.startswith(("label0_", "flipped_"))]
+    by_variant: dict[str, dict[int, dict[str, Any]]] = {}
+    for row in rows:
+        by_variant.setdefault(row["variant"], {})[row["seed"]] = row
+    lines = ["| variant | seeds | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    for variant, runs in by_variant.items():
+        cells = [f"{statistics.fmean(r[m] for r in runs.values()):.2f}" for m in metrics]
+        lines.append(f"| {variant} | {len(runs)} | " + " | ".join(cells) + " |")
+    for a, b in pairs:
+        seeds = sorted(set(by_variant.get(a, {})) & set(by_variant.get(b, {})))
+        if len(seeds) < 2:
+            continue
+        lines += ["", f"{a} − {b}, {len(seeds)} seeds, paired by seed [95% t CI]:", "",
+                  "| metric | Δ |", "|---|---|"]  # fmt: skip
+        for m in metrics:
+            d = paired_difference([by_variant[a][s][m] for s in seeds], [by_variant[b][s][m] for s in seeds])
+            lines.append(f"| {m} | {d['mean']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}] |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dirs", type=Path, nargs="+")
+    parser.add_argument("--limit", type=int, default=100, help="the attacks' example subset (default 100)")
+    parser.add_argument("--words", type=int, default=2, help="words edited per example (default 2)")
+    parser.add_argument("--draws", type=int, default=3, help="random edits per example (default 3)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pairs", nargs="*", default=[], help="variant pairs A:B compared by seed")
+    args = parser.parse_args(argv)
+    pairs = [tuple(p.split(":", 1)) for p in args.pairs]
+    if any(len(p) != 2 for p in pairs) or args.words < 1 or args.draws < 1:
+        parser.error("--pairs take A:B; --words and --draws must be >= 1")
+    rows = []
+    for k, run_dir in enumerate(args.run_dirs, 1):
+        rows.append(lean(run_dir, args.limit, args.words, args.draws, args.seed))
+        print(f"[{k}/{len(args.run_dirs)}] {run_dir}: " + ", ".join(
+            f"{m} {v:.1f}" for m, v in rows[-1].items() if isinstance(v, float)), flush=True)  # fmt: skip
+    text = report(rows, pairs)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
