@@ -25,6 +25,7 @@ import torch
 from bench import (
     _common,
     cost,
+    garble_lean,
     implicit_step,
     paired_records,
     report,
@@ -296,15 +297,13 @@ def test_separation_figures_against_brute_force() -> None:
 
 
 @pytest.mark.skipif(not DATA_DIR.is_dir(), reason="shared data directory not present")
-def test_separation_of_a_run_agrees_with_evaluate(tiny_model: Path, tmp_path: Path) -> None:
-    """On a run folder of an EX model (ODE layers, untrained, margins centred): the probe's accuracy is the
-    one ``evaluate`` scores on the same dev subset, and its first-token similarity has one entry per hidden
-    state (embeddings and each layer)."""
+def _ex_run(tiny_model: Path, tmp_path: Path) -> tuple[Path, Any]:
+    """A run folder of an EX model (ODE layers, untrained, margins centred so that predictions split between
+    the labels) and its training config."""
     import transformers
 
     import ode_bert
     from ode_bert.data import load_clean_dev
-    from ode_bert.evaluate import evaluate
     from ode_bert.io import write_json_atomic
     from ode_bert.train import TrainConfig, apply_variant
 
@@ -316,12 +315,23 @@ def test_separation_of_a_run_agrees_with_evaluate(tiny_model: Path, tmp_path: Pa
     model = apply_variant(classifier, config)
     tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_model)
     texts = [ex.text_a for ex in load_clean_dev("sst2", DATA_DIR)["sst2"][:64]]
-    with torch.no_grad():  # centre the margins, so that predictions split between the labels
+    with torch.no_grad():
         encoded = tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
         logits = model(**encoded).logits
         model.classifier.bias[1] -= (logits[:, 1] - logits[:, 0]).median()
     ode_bert.save_pretrained(model, run / "model", tokenizer)
     write_json_atomic(run / "train_config.json", config.to_json())
+    return run, config
+
+
+def test_separation_of_a_run_agrees_with_evaluate(tiny_model: Path, tmp_path: Path) -> None:
+    """On a run folder of an EX model (ODE layers, untrained, margins centred): the probe's accuracy is the
+    one ``evaluate`` scores on the same dev subset, and its first-token similarity has one entry per hidden
+    state (embeddings and each layer)."""
+    from ode_bert.evaluate import evaluate
+    from ode_bert.io import write_json_atomic
+
+    run, config = _ex_run(tiny_model, tmp_path)
     text = separation.main([str(run), "--limit", "40", "--batch-size", "16", "--out", str(tmp_path / "s.md")])
     row = separation.probe_run(run, None, 40, 16)
     scored = evaluate(run, dev_samples=40)["clean"]["overall"]
@@ -369,3 +379,36 @@ def test_last_layer_output_recovered_from_the_two_states(tiny_model: Path) -> No
     assert separation.last_layer_output(states[-2], states[-1], rk4, len(states) - 1) is None
     first_only = ODESettings(solver="euler", layers="0")  # the last layer stock
     assert separation.last_layer_output(states[-2], states[-1], first_only, 2) is states[-1]
+
+
+def test_garble_edits_k_content_words_by_one_deepwordbug_edit_each() -> None:
+    """Exactly ``k`` words change, none a stopword, each within one character edit (a swap: two
+    substitutions) of the original; the same seed gives the same text."""
+    import random
+
+    from ode_bert.attack.text import STOPWORDS, levenshtein, words
+
+    text = "the film is a charming and often affecting journey through the lives of two brothers"
+    for k in (1, 2, 3):
+        edited = garble_lean.garble(text, k, random.Random(k))
+        assert edited == garble_lean.garble(text, k, random.Random(k))
+        before = [text[a:b] for a, b in words(text)]
+        after = [edited[a:b] for a, b in words(edited)]
+        changed = [(x, y) for x, y in zip(before, after, strict=True) if x != y]
+        assert len(changed) == k
+        assert all(x.lower() not in STOPWORDS and 1 <= levenshtein(x, y) <= 2 for x, y in changed)
+
+
+def test_garble_lean_counts_flips_against_its_clean_predictions(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the edit replaced by the identity nothing flips and the edited predictions lean as the clean ones
+    (the draws line up with their examples); with real edits the shares stay percentages."""
+    run, _ = _ex_run(tiny_model, tmp_path)
+    real = garble_lean.lean(run, 40, 3, 2, 0)
+    assert all(0 <= real[m] <= 100 for m in real if m.startswith(("label0_", "flipped_")))
+    monkeypatch.setattr(garble_lean, "garble", lambda text, k, rng: text)
+    same = garble_lean.lean(run, 40, 3, 2, 0)
+    assert same["flipped_label0"] == same["flipped_label1"] == 0.0
+    assert same["label0_edited"] == same["label0_clean"] == real["label0_clean"]
+    assert "| ex | 1 |" in garble_lean.report([same], [])
