@@ -10,13 +10,17 @@ label 0 on clean and on edited input; per variant the means over seeds; per ``--
 difference by seed with its 95% t interval.
 
     python -m bench.garble_lean runs/stocklast/sst2-n1000/{im,ex}-stocklast-seed{1..24} --limit 100 \
-        --pairs im-stocklast:ex-stocklast
+        --pairs im-stocklast:ex-stocklast --out lean.json
+
+``--out`` writes the per-run rows as JSON; ``--rows FILE ...`` reports from such files instead of running
+(several: runs probed in several processes, reported together).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import random
 import statistics
 from collections.abc import Sequence
@@ -24,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ode_bert.data import Example
+from ode_bert.io import write_json_atomic
 
 
 def garble(text: str, k: int, rng: random.Random) -> str:
@@ -100,7 +105,9 @@ def report(rows: list[dict[str, Any]], pairs: Sequence[tuple[str, str]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dirs", type=Path, nargs="+")
+    parser.add_argument("run_dirs", type=Path, nargs="*")
+    parser.add_argument("--out", type=Path, help="write the per-run rows here (JSON)")
+    parser.add_argument("--rows", type=Path, nargs="+", help="report the rows of these files, probe nothing")
     parser.add_argument("--limit", type=int, default=100, help="the attacks' example subset (default 100)")
     parser.add_argument("--words", type=int, default=2, help="words edited per example (default 2)")
     parser.add_argument("--draws", type=int, default=3, help="random edits per example (default 3)")
@@ -110,11 +117,15 @@ def main(argv: Sequence[str] | None = None) -> str:
     pairs = [tuple(p.split(":", 1)) for p in args.pairs]
     if any(len(p) != 2 for p in pairs) or args.words < 1 or args.draws < 1:
         parser.error("--pairs take A:B; --words and --draws must be >= 1")
-    rows = []
+    if bool(args.rows) == bool(args.run_dirs):
+        parser.error("give run folders to probe, or --rows files to report, not both")
+    rows = [row for path in args.rows or [] for row in json.loads(path.read_text())]
     for k, run_dir in enumerate(args.run_dirs, 1):
         rows.append(lean(run_dir, args.limit, args.words, args.draws, args.seed))
         print(f"[{k}/{len(args.run_dirs)}] {run_dir}: " + ", ".join(
             f"{m} {v:.1f}" for m, v in rows[-1].items() if isinstance(v, float)), flush=True)  # fmt: skip
+    if args.out:
+        write_json_atomic(args.out, rows)
     text = report(rows, pairs)
     print(text)
     return text

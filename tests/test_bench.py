@@ -412,3 +412,8 @@ def test_garble_lean_counts_flips_against_its_clean_predictions(
     assert same["flipped_label0"] == same["flipped_label1"] == 0.0
     assert same["label0_edited"] == same["label0_clean"] == real["label0_clean"]
     assert "| ex | 1 |" in garble_lean.report([same], [])
+    out = tmp_path / "rows.json"
+    text = garble_lean.main([str(run), "--limit", "40", "--draws", "1", "--out", str(out)])
+    assert garble_lean.main(["--rows", str(out)]) == text
+    with pytest.raises(SystemExit):  # run folders and --rows together
+        garble_lean.main([str(run), "--rows", str(out)])
