@@ -49,12 +49,12 @@ def garble(text: str, k: int, rng: random.Random) -> str:
 def lean(run_dir: Path, limit: int | None, k: int, draws: int, seed: int) -> dict[str, Any]:
     """One run's clean and edited predictions on the attacked examples, summarised (module docstring)."""
     from ode_bert.attack.files import run_identity
-    from ode_bert.attack.runner import AttackConfig, _examples, example_seed
+    from ode_bert.attack.runner import AttackConfig, attacked_examples, example_seed
     from ode_bert.evaluate import load_run_model, predict
     from ode_bert.train import read_train_config
 
     train = read_train_config(run_dir)
-    indexed = _examples(AttackConfig(recipe="deepwordbug", limit=limit), train, None)
+    indexed = attacked_examples(AttackConfig(recipe="deepwordbug", limit=limit), train, None)
     model, tokenizer = load_run_model(run_dir / "model")
     model.eval()
     examples = [ex for _, ex in indexed]

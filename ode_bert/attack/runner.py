@@ -253,7 +253,9 @@ def _lines(path: Path) -> list[str]:
     return text.split("\n")[:-1]
 
 
-def _examples(config: AttackConfig, train: dict[str, Any], data_dir: str | None) -> list[tuple[int, Example]]:
+def attacked_examples(
+    config: AttackConfig, train: dict[str, Any], data_dir: str | None
+) -> list[tuple[int, Example]]:
     """(index in the split, example) of the attacked examples: all, or the fixed stratified subset that
     ``evaluate``'s ``dev_samples`` uses too."""
     from ..data import _stratified_indices
@@ -333,7 +335,7 @@ def _attack_locked(
 ) -> dict[str, Any]:
     """``attack_run`` once it holds the attack folder's lock."""
     data_dir = data_dir if data_dir is not None else train.get("data_dir")
-    examples = _examples(config, train, data_dir)
+    examples = attacked_examples(config, train, data_dir)
     twin = None
     synonyms = WordNet(config.wordnet) if config.recipe == "pwws" else None
     settings = {**config.to_json(), "split": resolve_split(train["task"], config.split), "n": len(examples)}
