@@ -7,8 +7,9 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -95,3 +96,14 @@ def die_with_parent() -> None:
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
+def end_process_groups(processes: Iterable[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM each worker's process group (workers started with ``start_new_session=True``), then wait for
+    all of them."""
+    processes = list(processes)
+    for process in processes:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+    for process in processes:
+        process.wait()

@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..io import die_with_parent
+from ..io import die_with_parent, end_process_groups
 
 
 class AttacksFailed(ValueError):
@@ -31,12 +30,17 @@ class AttacksFailed(ValueError):
     so that the command line reports it as an error, not a crash."""
 
 
-def log_path(run_dir: str | Path, config: Any) -> Path:
-    """Where a child writes the output of attack ``config`` on ``run_dir``: beside its attack folder."""
+def _folder(run_dir: str | Path, config: Any) -> Path:
+    """The folder attack ``config`` on ``run_dir`` writes (``runner.attack_dir``)."""
     from ..train import read_train_config
     from .runner import attack_dir
 
-    folder = attack_dir(run_dir, read_train_config(run_dir)["task"], config)
+    return attack_dir(run_dir, read_train_config(run_dir)["task"], config)
+
+
+def log_path(run_dir: str | Path, config: Any) -> Path:
+    """Where a child writes the output of attack ``config`` on ``run_dir``: beside its attack folder."""
+    folder = _folder(run_dir, config)
     return folder.with_name(folder.name + ".log")
 
 
@@ -96,11 +100,9 @@ def attack_runs(
 
 def _summary(run_dir: str | Path, config: Any) -> dict[str, Any] | None:
     """The summary a finished child wrote (``None`` if it wrote none)."""
-    from ..train import read_train_config
     from .files import SUMMARY_FILE
-    from .runner import attack_dir
 
-    path = attack_dir(run_dir, read_train_config(run_dir)["task"], config) / SUMMARY_FILE
+    path = _folder(run_dir, config) / SUMMARY_FILE
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -110,11 +112,7 @@ def _stopped_on_exit(running: dict[int, subprocess.Popen[bytes]]) -> Iterator[No
     try:
         yield
     except BaseException:
-        for process in running.values():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-        for process in running.values():
-            process.wait()
+        end_process_groups(running.values())
         raise
 
 

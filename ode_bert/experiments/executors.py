@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..io import die_with_parent
+from ..io import die_with_parent, end_process_groups
 from .plans import Run
 
 LOG_FILE = "log.txt"
@@ -171,11 +170,7 @@ class LocalExecutor(Executor):
             time.sleep(min(0.5, max(0.0, end - time.perf_counter())))
 
     def stop(self) -> int:
-        for process, _ in self._running.values():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-        for process, _ in self._running.values():
-            process.wait()
+        end_process_groups(process for process, _ in self._running.values())
         stopped = len(self._running)
         self._running.clear()
         return stopped
