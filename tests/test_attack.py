@@ -512,6 +512,8 @@ def test_attacks_in_worker_processes_write_what_one_by_one_writes(
     assert "deepwordbug" in log_path(pooled, config).read_text()  # the child's progress bar
     with pytest.raises(ValueError, match="workers must be a positive integer"):
         attack_runs([(pooled, config)], workers=0)
+    assert main(["attack", str(pooled), "--recipe", "deepwordbug", "--workers", "0"]) == 2
+    assert "--workers and --threads must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_cli_refuses_bad_attacks_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

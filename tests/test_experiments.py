@@ -99,6 +99,10 @@ def test_report_tests_pairs_and_counts_failures_by_hand() -> None:
     assert f"- sst2-n8, im − ex: im 0 of 6, ex 3 of 6 (Fisher's exact test p = {fisher_p:.2g})" in text
     learned = [r for r in records if r["clean"]["overall"] > 0.6]
     assert "Fisher" not in experiments.format_pairs(learned, [("im", "ex")])
+    from ode_bert.experiments.stats import fisher_exact
+
+    with pytest.raises(ValueError, match="failures must lie between 0 and the runs, got 7 of 6"):
+        fisher_exact(7, 6, 0, 6)
 
 
 def test_executor_options_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
