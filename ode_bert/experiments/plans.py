@@ -125,6 +125,7 @@ PLANS: dict[str, list[Group]] = {
         Group("sst2", 1000, ("im-stocklast", "ex-stocklast")),
         Group("sst2", 1000, ("im-stockfirst", "im-stockmid")),
         Group("qqp", 1000, ("im-stocklast", "ex-stocklast")),
+        Group("sst2", 2000, ("im-stocklast", "ex-stocklast")),
     ],
 }
 
