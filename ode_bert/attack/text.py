@@ -193,7 +193,8 @@ class WordNet:
         return sorted(self.synonyms.get(word.lower(), ()))
 
 
-def _match_case(original: str, new: str) -> str:
+def match_case(original: str, new: str) -> str:
+    """``new`` in the case of ``original`` (all upper, capitalised or as it is)."""
     if original.isupper() and len(original) > 1:
         return new.upper()
     if original[:1].isupper():
@@ -218,7 +219,7 @@ def pwws(
         original = text[span[0] : span[1]]
         if original.lower() in STOPWORDS:
             continue
-        candidates = [_match_case(original, s) for s in synonyms(original)]
+        candidates = [match_case(original, s) for s in synonyms(original)]
         if not candidates:
             continue
         out = probs([replace_span(text, span, c) for c in candidates])
