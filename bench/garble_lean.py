@@ -92,7 +92,8 @@ def lean(run_dir: Path, limit: int | None, k: int, draws: int, seed: int, edit: 
     group, variant, run_seed = run_identity(run_dir)
     changed = [e != ex for e, ex in zip(edited, examples * draws, strict=True)]
     out: dict[str, Any] = {"run": str(run_dir), "group": group, "variant": variant, "seed": run_seed,
-                           "edit": edit_name, "texts_changed": 100 * statistics.fmean(changed),
+                           "limit": limit, "edit": edit_name,
+                           "texts_changed": 100 * statistics.fmean(changed),
                            "label0_clean": 100 * statistics.fmean(p == 0 for p in clean),
                            "label0_edited": 100 * statistics.fmean(p == 0 for p in damaged)}  # fmt: skip
     for label in sorted({ex.label for ex in examples}):
@@ -102,13 +103,53 @@ def lean(run_dir: Path, limit: int | None, k: int, draws: int, seed: int, edit: 
     return out
 
 
-def report(rows: list[dict[str, Any]], pairs: Sequence[tuple[str, str]]) -> str:
-    """Per variant the means over seeds, per pair the paired differences, as markdown."""
-    from ode_bert.experiments.stats import paired_difference
+def attack_accuracy(run_dir: str | Path, recipe: str, limit: int | None) -> float:
+    """Accuracy under ``run_dir``'s finished ``recipe`` attack, in percent; refused unless that attack ran on
+    the examples the lean was probed on (the same ``limit``, the attacks' default split and seed)."""
+    from ode_bert.attack.files import SUMMARY_FILE, attack_folder
+    from ode_bert.attack.runner import AttackConfig, resolve_split
+    from ode_bert.train import read_train_config
+
+    default = AttackConfig(recipe=recipe, limit=limit)
+    split = resolve_split(read_train_config(Path(run_dir))["task"], default.split)
+    path = attack_folder(run_dir, split, recipe) / SUMMARY_FILE
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist: attack {run_dir} with {recipe} first (ode-bert attack)")
+    summary = json.loads(path.read_text())
+    used = (summary["settings"]["limit"], summary["settings"]["seed"])
+    if used != (limit, default.seed):
+        raise ValueError(f"{path} attacked other examples (limit, seed: {used}) than the lean was probed on "
+                         f"({limit}, {default.seed})")
+    return 100 * summary["accuracy_under_attack"]
+
+
+def _with_shift(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with ``label0_shift`` (edited minus clean) after ``label0_edited``."""
+    out = {}
+    for key, value in row.items():
+        out[key] = value
+        if key == "label0_edited":
+            out["label0_shift"] = value - row["label0_clean"]
+    return out
+
+
+def report(rows: list[dict[str, Any]], pairs: Sequence[tuple[str, str]], attack: str | None = None,
+           limit: int | None = 100) -> str:
+    """Per variant the means over seeds, per pair the paired differences, as markdown. ``label0_shift`` is
+    ``label0_edited - label0_clean``: how far the edits move a model toward label 0. With ``attack`` (a
+    recipe every run of a pair was attacked with, on the examples the rows were probed on: their ``limit``,
+    or ``limit`` for rows that do not say), per pair also how the pair's lean difference goes with its
+    difference in accuracy under that attack, seed by seed (Pearson's r)."""
+    from ode_bert.experiments.stats import correlation, paired_difference
 
     edits = {row.get("edit", "characters") for row in rows}  # rows from before --edit: characters
     if len(edits) > 1:
         raise ValueError(f"rows made with different edits ({', '.join(sorted(edits))}): report them apart")
+    limits = {row.get("limit", limit) for row in rows}  # rows from before "limit" was kept: ``limit``
+    if len(limits) > 1:
+        raise ValueError(f"rows probed on different example limits ({sorted(limits)}): report them apart")
+    limit = limits.pop()
+    rows = [_with_shift(row) for row in rows]
     metrics = [m for m in rows[0]
                if m.startswith(("texts_", "label0_", "flipped_")) and all(m in row for row in rows)]
     by_variant: dict[str, dict[int, dict[str, Any]]] = {}
@@ -122,11 +163,23 @@ def report(rows: list[dict[str, Any]], pairs: Sequence[tuple[str, str]]) -> str:
         seeds = sorted(set(by_variant.get(a, {})) & set(by_variant.get(b, {})))
         if len(seeds) < 2:
             continue
+        runs_a, runs_b = by_variant[a], by_variant[b]
         lines += ["", f"{a} − {b}, {len(seeds)} seeds, paired by seed [95% t CI]:", "",
                   "| metric | Δ |", "|---|---|"]  # fmt: skip
         for m in metrics:
-            d = paired_difference([by_variant[a][s][m] for s in seeds], [by_variant[b][s][m] for s in seeds])
+            d = paired_difference([runs_a[s][m] for s in seeds], [runs_b[s][m] for s in seeds])
             lines.append(f"| {m} | {d['mean']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}] |")
+        if attack is None or len(seeds) < 4:
+            continue
+        under = [attack_accuracy(runs_a[s]["run"], attack, limit) - attack_accuracy(runs_b[s]["run"], attack,
+                                                                                     limit) for s in seeds]
+        mean = statistics.fmean(under)
+        lines += ["", f"Seed by seed, Δ accuracy under {attack} (mean {mean:+.2f}) against Δ lean "
+                  "[Pearson's r, 95% CI (Fisher z), p]:", "", "| Δ lean | r |", "|---|---|"]  # fmt: skip
+        for m in ("label0_edited", "label0_shift"):
+            c = correlation([runs_a[s][m] - runs_b[s][m] for s in seeds], under)
+            interval = f"[{c['ci_low']:+.2f}, {c['ci_high']:+.2f}]"
+            lines.append(f"| {m} | {c['r']:+.2f} {interval}, p = {c['p_value']:.2g} |")
     return "\n".join(lines)
 
 
@@ -135,7 +188,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("run_dirs", type=Path, nargs="*")
     parser.add_argument("--out", type=Path, help="write the per-run rows here (JSON)")
     parser.add_argument("--rows", type=Path, nargs="+", help="report the rows of these files, probe nothing")
-    parser.add_argument("--limit", type=int, default=100, help="the attacks' example subset (default 100)")
+    parser.add_argument("--limit", type=int, default=100,
+                        help="the attacks' example subset (default 100; --rows files say their own)")
     parser.add_argument("--words", type=int, default=2, help="words edited per example (default 2)")
     parser.add_argument("--draws", type=int, default=3, help="random edits per example (default 3)")
     parser.add_argument("--edit", choices=("characters", "synonyms"), default="characters",
@@ -143,6 +197,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--wordnet", type=Path, help="with --edit synonyms: the WordNet database folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pairs", nargs="*", default=[], help="variant pairs A:B compared by seed")
+    parser.add_argument("--attack", metavar="RECIPE",
+                        help="per pair, correlate the lean with accuracy under this finished attack, by seed")
     args = parser.parse_args(argv)
     pairs = [tuple(p.split(":", 1)) for p in args.pairs]
     if any(len(p) != 2 for p in pairs) or args.words < 1 or args.draws < 1:
@@ -159,6 +215,11 @@ def main(argv: Sequence[str] | None = None) -> str:
             edit = functools.partial(swap_synonyms, synonyms=WordNet(args.wordnet))
         except FileNotFoundError as error:
             parser.error(str(error))
+    for run_dir in args.run_dirs if args.attack else []:  # a missing attack is named before any probing
+        try:
+            attack_accuracy(run_dir, args.attack, args.limit)
+        except ValueError as error:
+            parser.error(str(error))
     rows = [row for path in args.rows or [] for row in json.loads(path.read_text())]
     for k, run_dir in enumerate(args.run_dirs, 1):
         rows.append(lean(run_dir, args.limit, args.words, args.draws, args.seed, edit, args.edit))
@@ -166,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> str:
             f"{m} {v:.1f}" for m, v in rows[-1].items() if isinstance(v, float)), flush=True)  # fmt: skip
     if args.out:
         write_json_atomic(args.out, rows)
-    text = report(rows, pairs)
+    text = report(rows, pairs, args.attack, args.limit)
     print(text)
     return text
 

@@ -399,6 +399,44 @@ def test_garble_edits_k_content_words_by_one_deepwordbug_edit_each() -> None:
         assert all(x.lower() not in STOPWORDS and 1 <= levenshtein(x, y) <= 2 for x, y in changed)
 
 
+def test_garble_lean_correlates_the_lean_with_an_attack_seed_by_seed(tmp_path: Path) -> None:
+    """``--attack``: per pair, Pearson's r between the per-seed differences in lean and in accuracy under the
+    attack (numpy's corrcoef as the reference), read from each run's attack summary; an attack on other
+    examples, or none, is refused by name."""
+    from ode_bert.io import write_json_atomic
+
+    rng = np.random.default_rng(0)
+    rows, under = [], {}
+    for variant in ("im", "ex"):
+        for seed in range(1, 7):
+            run = tmp_path / f"{variant}-seed{seed}"
+            under[variant, seed] = float(rng.uniform(0, 30))
+            write_json_atomic(run / "train_config.json",
+                              {"task": "sst2", "variant": variant, "seed": seed, "max_length": 32})
+            write_json_atomic(run / "attacks" / "sst2-deepwordbug" / "summary.json", {
+                "accuracy_under_attack": under[variant, seed] / 100, "settings": {"limit": 100, "seed": 0}})
+            clean, edited = rng.uniform(40, 60, size=2)
+            rows.append({"run": str(run), "variant": variant, "seed": seed, "label0_clean": clean,
+                         "label0_edited": edited, "flipped_label0": 1.0, "flipped_label1": 2.0})
+    text = garble_lean.report(rows, [("im", "ex")], "deepwordbug", 100)
+    by = {(r["variant"], r["seed"]): r for r in rows}
+    d_under = [under["im", s] - under["ex", s] for s in range(1, 7)]
+    for metric, lean_of in (("label0_edited", lambda r: r["label0_edited"]),
+                            ("label0_shift", lambda r: r["label0_edited"] - r["label0_clean"])):
+        d_lean = [lean_of(by["im", s]) - lean_of(by["ex", s]) for s in range(1, 7)]
+        r = np.corrcoef(d_lean, d_under)[0, 1]
+        assert f"| {metric} | {r:+.2f} [" in text
+    assert f"(mean {np.mean(d_under):+.2f})" in text
+    write_json_atomic(tmp_path / "ex-seed3" / "attacks" / "sst2-deepwordbug" / "summary.json",
+                      {"accuracy_under_attack": 0.1, "settings": {"limit": 50, "seed": 0}})
+    with pytest.raises(ValueError, match="attacked other examples"):
+        garble_lean.report(rows, [("im", "ex")], "deepwordbug", 100)
+    with pytest.raises(ValueError, match="attack .* with pwws first"):
+        garble_lean.report(rows, [("im", "ex")], "pwws", 100)
+    with pytest.raises(ValueError, match="different example limits"):
+        garble_lean.report([{**rows[0], "limit": 40}, *rows[1:]], [], None, 100)
+
+
 def test_swap_synonyms_replaces_k_words_that_have_synonyms_by_one_of_theirs() -> None:
     """Exactly ``k`` words change where enough have synonyms (all that have, where fewer do), each to one of
     its own synonyms in its case, never a stopword; the same seed gives the same text."""
@@ -448,3 +486,6 @@ def test_garble_lean_counts_flips_against_its_clean_predictions(
         with pytest.raises(SystemExit):
             garble_lean.main([str(run), "--edit", "synonyms", *bad])
     assert "not a WordNet database folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # --attack with a run never attacked: named before any probing
+        garble_lean.main([str(run), "--attack", "deepwordbug"])
+    assert "with deepwordbug first" in capsys.readouterr().err
