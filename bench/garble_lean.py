@@ -171,14 +171,15 @@ def report(rows: list[dict[str, Any]], pairs: Sequence[tuple[str, str]], attack:
             lines.append(f"| {m} | {d['mean']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}] |")
         if attack is None or len(seeds) < 4:
             continue
-        under = [attack_accuracy(runs_a[s]["run"], attack, limit) - attack_accuracy(runs_b[s]["run"], attack,
-                                                                                     limit) for s in seeds]
+        accuracy = {(v, s): attack_accuracy(runs[s]["run"], attack, limit)
+                    for v, runs in ((a, runs_a), (b, runs_b)) for s in seeds}  # fmt: skip
+        under = [accuracy[a, s] - accuracy[b, s] for s in seeds]
         mean = statistics.fmean(under)
         lines += ["", f"Seed by seed, Δ accuracy under {attack} (mean {mean:+.2f}) against Δ lean "
                   "[Pearson's r, 95% CI (Fisher z), p]:", "", "| Δ lean | r |", "|---|---|"]  # fmt: skip
         for m in ("label0_edited", "label0_shift"):
             c = correlation([runs_a[s][m] - runs_b[s][m] for s in seeds], under)
-            interval = f"[{c['ci_low']:+.2f}, {c['ci_high']:+.2f}]"
+            interval = "no interval" if c["ci_low"] is None else f"[{c['ci_low']:+.2f}, {c['ci_high']:+.2f}]"
             lines.append(f"| {m} | {c['r']:+.2f} {interval}, p = {c['p_value']:.2g} |")
     return "\n".join(lines)
 
