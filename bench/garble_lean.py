@@ -74,8 +74,8 @@ def lean(run_dir: Path, limit: int | None, k: int, draws: int, seed: int, edit: 
     from ode_bert.evaluate import load_run_model, predict
     from ode_bert.train import read_train_config
 
-    train = read_train_config(run_dir)
-    indexed = attacked_examples(AttackConfig(recipe="deepwordbug", limit=limit), train, None)
+    train = read_train_config(run_dir)  # the examples and data folder an attack with ``limit`` reads
+    indexed = attacked_examples(AttackConfig(recipe="deepwordbug", limit=limit), train, train.get("data_dir"))
     model, tokenizer = load_run_model(run_dir / "model")
     model.eval()
     examples = [ex for _, ex in indexed]
@@ -106,13 +106,12 @@ def lean(run_dir: Path, limit: int | None, k: int, draws: int, seed: int, edit: 
 def attack_accuracy(run_dir: str | Path, recipe: str, limit: int | None) -> float:
     """Accuracy under ``run_dir``'s finished ``recipe`` attack, in percent; refused unless that attack ran on
     the examples the lean was probed on (the same ``limit``, the attacks' default split and seed)."""
-    from ode_bert.attack.files import SUMMARY_FILE, attack_folder
-    from ode_bert.attack.runner import AttackConfig, resolve_split
+    from ode_bert.attack.files import SUMMARY_FILE
+    from ode_bert.attack.runner import AttackConfig, attack_dir
     from ode_bert.train import read_train_config
 
     default = AttackConfig(recipe=recipe, limit=limit)
-    split = resolve_split(read_train_config(Path(run_dir))["task"], default.split)
-    path = attack_folder(run_dir, split, recipe) / SUMMARY_FILE
+    path = attack_dir(run_dir, read_train_config(Path(run_dir))["task"], default) / SUMMARY_FILE
     if not path.is_file():
         raise ValueError(f"{path} does not exist: attack {run_dir} with {recipe} first (ode-bert attack)")
     summary = json.loads(path.read_text())
@@ -133,6 +132,28 @@ def _with_shift(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _one_value(rows: list[dict[str, Any]], key: str, default: Any) -> Any:
+    """The value of ``key`` that every row shares (``default`` for rows made before it was kept); rows that
+    differ in it are refused, since their means and pairs would mix probes of different kinds."""
+    values = {row.get(key, default) for row in rows}
+    if len(values) > 1:
+        shown = ", ".join(sorted(map(str, values)))
+        raise ValueError(f"rows with different {key}s ({shown}): report them apart")
+    return values.pop()
+
+
+def check_rows(rows: list[dict[str, Any]], limit: int | None) -> int | None:
+    """Refuse rows that cannot be reported together (other edits, groups or example limits; a run twice);
+    the limit they share (``limit`` for rows made before it was kept)."""
+    _one_value(rows, "edit", "characters")  # rows from before --edit were character edits
+    _one_value(rows, "group", None)  # a variant and seed name one run within a group only
+    runs = [(row["variant"], row["seed"]) for row in rows]
+    if len(set(runs)) < len(runs):
+        twice = sorted({run for run in runs if runs.count(run) > 1})
+        raise ValueError(f"runs probed twice among the rows: {twice}; keep one row per run")
+    return _one_value(rows, "limit", limit)
+
+
 def report(rows: list[dict[str, Any]], pairs: Sequence[tuple[str, str]], attack: str | None = None,
            limit: int | None = 100) -> str:
     """Per variant the means over seeds, per pair the paired differences, as markdown. ``label0_shift`` is
@@ -142,13 +163,7 @@ def report(rows: list[dict[str, Any]], pairs: Sequence[tuple[str, str]], attack:
     difference in accuracy under that attack, seed by seed (Pearson's r)."""
     from ode_bert.experiments.stats import correlation, paired_difference
 
-    edits = {row.get("edit", "characters") for row in rows}  # rows from before --edit: characters
-    if len(edits) > 1:
-        raise ValueError(f"rows made with different edits ({', '.join(sorted(edits))}): report them apart")
-    limits = {row.get("limit", limit) for row in rows}  # rows from before "limit" was kept: ``limit``
-    if len(limits) > 1:
-        raise ValueError(f"rows probed on different example limits ({sorted(limits)}): report them apart")
-    limit = limits.pop()
+    limit = check_rows(rows, limit)
     rows = [_with_shift(row) for row in rows]
     metrics = [m for m in rows[0]
                if m.startswith(("texts_", "label0_", "flipped_")) and all(m in row for row in rows)]
@@ -216,12 +231,20 @@ def main(argv: Sequence[str] | None = None) -> str:
             edit = functools.partial(swap_synonyms, synonyms=WordNet(args.wordnet))
         except FileNotFoundError as error:
             parser.error(str(error))
-    for run_dir in args.run_dirs if args.attack else []:  # a missing attack is named before any probing
-        try:
-            attack_accuracy(run_dir, args.attack, args.limit)
-        except ValueError as error:
-            parser.error(str(error))
     rows = [row for path in args.rows or [] for row in json.loads(path.read_text())]
+    try:  # before any probing: every run folder readable, the rows to be made, these runs' attacks
+        from ode_bert.attack.files import run_identity
+        from ode_bert.train import read_train_config
+
+        for run_dir in args.run_dirs:
+            read_train_config(run_dir)
+        planned = [{"group": g, "variant": v, "seed": s, "limit": args.limit, "edit": args.edit}
+                   for g, v, s in map(run_identity, args.run_dirs)]  # fmt: skip
+        check_rows(rows + planned, args.limit)
+        for run_dir in args.run_dirs if args.attack else []:
+            attack_accuracy(run_dir, args.attack, args.limit)
+    except ValueError as error:
+        parser.error(str(error))
     for k, run_dir in enumerate(args.run_dirs, 1):
         rows.append(lean(run_dir, args.limit, args.words, args.draws, args.seed, edit, args.edit))
         print(f"[{k}/{len(args.run_dirs)}] {run_dir}: " + ", ".join(

@@ -433,8 +433,13 @@ def test_garble_lean_correlates_the_lean_with_an_attack_seed_by_seed(tmp_path: P
         garble_lean.report(rows, [("im", "ex")], "deepwordbug", 100)
     with pytest.raises(ValueError, match="attack .* with pwws first"):
         garble_lean.report(rows, [("im", "ex")], "pwws", 100)
-    with pytest.raises(ValueError, match="different example limits"):
+    with pytest.raises(ValueError, match="different limits"):
         garble_lean.report([{**rows[0], "limit": 40}, *rows[1:]], [], None, 100)
+    with pytest.raises(ValueError, match="different groups"):  # the same variant names in two groups
+        garble_lean.report([{**row, "group": "sst2-n1000"} for row in rows[:6]]
+                           + [{**row, "group": "sst2-n2000"} for row in rows[6:]], [], None, 100)
+    with pytest.raises(ValueError, match=r"runs probed twice among the rows: \[\('im', 1\)\]"):
+        garble_lean.report([*rows, {**rows[0], "label0_edited": 0.0}], [], None, 100)
 
 
 def test_swap_synonyms_replaces_k_words_that_have_synonyms_by_one_of_theirs() -> None:
@@ -489,3 +494,8 @@ def test_garble_lean_counts_flips_against_its_clean_predictions(
     with pytest.raises(SystemExit):  # --attack with a run never attacked: named before any probing
         garble_lean.main([str(run), "--attack", "deepwordbug"])
     assert "with deepwordbug first" in capsys.readouterr().err
+    for bad, named in (([str(run), str(tmp_path / "missing")], "missing"),  # named before any probing
+                       ([str(run), str(run)], "runs probed twice")):
+        with pytest.raises(SystemExit):
+            garble_lean.main(bad)
+        assert named in capsys.readouterr().err
